@@ -1,0 +1,118 @@
+"""Typed settings for the application layer.
+
+One object, built once at the entry point (CLI or server) from flags, then environment variables,
+then defaults, and passed down. Nothing below the entry point reads the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ENGINES = ("sharedllm", "full", "rag")
+ENV_PREFIX = "SHAREDLLM_"
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Application settings. Every field can be set by `SHAREDLLM_<FIELD>` (upper case)."""
+
+    # Where the SQLite database, the tensor files and the private copies of uploads live.
+    data_dir: Path = Path("data")
+    # SQLAlchemy URL; None means SQLite in data_dir (`sqlite:///<data_dir>/sharedllm.db`).
+    database_url: str | None = None
+    # Checkpoint directory of a LLaMA-family model; None means the bundled SmolLM2-135M-Instruct.
+    model: str | None = None
+    # "auto" picks CUDA when available, else CPU.
+    device: str = "auto"
+    # Web server bind address. 127.0.0.1 by default: expose it deliberately (docker sets 0.0.0.0).
+    host: str = "127.0.0.1"
+    port: int = 7860
+    # Largest accepted upload, per file. Enforced by Gradio (max_file_size) and again by the service.
+    max_upload_mb: int = 200
+    # Gradio queue: events running at once per handler (one model, so generation is serialised) and
+    # how many may wait before new ones are refused with a "queue full" message.
+    concurrency_limit: int = 1
+    queue_max_size: int = 32
+    # Answer defaults (the UI settings panel and `ask` flags override them per question).
+    engine: str = "sharedllm"
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    # Passages cited under each answer.
+    max_citations: int = 3
+    # First-run admin account (docker): created at start-up when no account exists yet.
+    admin_user: str = "admin"
+    admin_password: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be in 1..65535, got {self.port}")
+        for name in ("max_upload_mb", "concurrency_limit", "queue_max_size", "max_new_tokens", "max_citations"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'sharedllm.db').resolve()}"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Private copies of uploaded PDFs (never served from Gradio's cache)."""
+        return self.data_dir / "uploads"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * 1024 * 1024
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+        """Flags (overrides, None values ignored) win over environment variables, which win over defaults."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw not in (None, ""):
+                values[f.name] = _parse(f.name, f.type, raw)
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                values[key] = value
+        if "data_dir" in values:
+            values["data_dir"] = Path(values["data_dir"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable view, without secrets."""
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+        out.pop("admin_password")
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _parse(name: str, type_name: Any, raw: str) -> Any:
+    type_name = str(type_name)
+    try:
+        if type_name.startswith("int"):
+            return int(raw)
+        if type_name.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be a number, got {raw!r}") from None
+    if type_name == "Path":
+        return Path(raw)
+    return raw
