@@ -1,0 +1,172 @@
+"""Our compact LLaMA-family decoder (gpt-fast / litgpt style).
+
+Module names mirror Hugging Face's (`embed_tokens`, `layers.i.self_attn.q_proj`, ...) so the one
+converter in `model.convert` is a strict key/shape check. Notation: B batch, T tokens, D model dim,
+nh / nkv query / key-value heads, hd head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import ATTENTION_BACKENDS, AttentionFn
+from model.config import ModelConfig
+from model.rope import apply_rope, inverse_frequencies, rope_angles
+
+Injection = Callable[[torch.Tensor], torch.Tensor]  # (B, T, D) -> (B, T, D) residual update
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated self-attention cache of one layer: k/v buffers (B, nkv, max_len, hd).
+
+    Lifecycle: created by `Transformer.setup_caches`, dropped by `clear_caches`. `update` writes
+    the new keys at `input_pos` and returns the filled prefix, so the caller's queries are the last
+    T of the returned keys (bottom-right causal alignment).
+    """
+
+    def __init__(self, batch: int, max_len: int, n_kv: int, head_dim: int, device, dtype) -> None:
+        super().__init__()
+        shape = (batch, n_kv, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        end = int(input_pos[-1]) + 1
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache of {self.k.shape[2]} positions is full (need {end})")
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.q_proj = nn.Linear(config.dim, config.n_head * config.head_dim, bias=config.attn_bias)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=config.attn_bias)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=config.attn_bias)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, nh, T, hd), k and v (B, nkv, T, hd), before RoPE."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def attend(self, q, k, v, cos, sin, attn_fn: AttentionFn, cache: KVCache | None = None,
+               input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotates q/k, appends to the cache if any, attends causally; returns (B, T, D)."""
+        b, _, t, _ = q.shape
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v)
+        out = attn_fn(q, k, v, causal=True)  # (B, nh, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One decoder layer. `inject`, when given, adds a residual update (SharedLLM's
+    cross-attention) after self-attention and before the MLP."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = SelfAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, attn_fn: AttentionFn, cache: KVCache | None = None,
+                input_pos: torch.Tensor | None = None, inject: Injection | None = None) -> torch.Tensor:
+        q, k, v = self.self_attn.project(self.input_layernorm(x))
+        x = x + self.self_attn.attend(q, k, v, cos, sin, attn_fn, cache, input_pos)
+        if inject is not None:
+            x = x + inject(x)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """The base model. Device, dtype and attention kernel are decided by the loader."""
+
+    def __init__(self, config: ModelConfig, attention: str = "sdpa") -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.inv_freq = inverse_frequencies(config)  # plain tensor: survives meta-device construction
+        self.caches: list[KVCache] | None = None
+        self.set_attention_backend(attention)
+
+    def set_attention_backend(self, name: str) -> None:
+        self.attention_backend = name
+        self.attn_fn: AttentionFn = ATTENTION_BACKENDS[name]
+
+    # --- KV cache lifecycle -------------------------------------------------------------------
+    def setup_caches(self, batch: int, max_len: int) -> None:
+        ref = self.embed_tokens.weight
+        cfg = self.config
+        self.caches = [
+            KVCache(batch, max_len, cfg.n_kv_head, cfg.head_dim, ref.device, ref.dtype) for _ in self.layers
+        ]
+
+    def clear_caches(self) -> None:
+        self.caches = None
+
+    # --- forward ------------------------------------------------------------------------------
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_angles(self.inv_freq, positions, dtype)
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm(hidden), weight)
+
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
+                injections: Mapping[int, Injection] | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V). With `input_pos` (T,), reads and fills the KV
+        cache (which must be set up); without it, attends causally over `input_ids` alone."""
+        return self.output_logits(self.hidden_states(input_ids, input_pos, injections))
+
+    def hidden_states(self, input_ids, input_pos=None, injections=None) -> torch.Tensor:
+        if input_pos is not None and self.caches is None:
+            raise RuntimeError("input_pos given but the KV cache is not set up: call setup_caches() first")
+        t = input_ids.shape[1]
+        positions = input_pos if input_pos is not None else torch.arange(t, device=input_ids.device)
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        cos, sin = self.rope(positions, x.dtype)
+        injections = injections or {}
+        for i, layer in enumerate(self.layers):
+            cache = self.caches[i] if input_pos is not None else None
+            x = layer(x, cos, sin, self.attn_fn, cache, input_pos, injections.get(i))
+        return x

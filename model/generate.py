@@ -1,0 +1,167 @@
+"""Generation as small functions outside the model (gpt-fast style): prefill, decode_one_token,
+sample, and a streaming text iterator with EOS, stop strings and a token budget.
+
+The memory (if any) is built once per turn by the caller and read by every step; the running text
+uses the model's self-attention KV cache, so each step feeds one token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from model.attribution import Attribution, attribute
+from model.memory import Memory
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    tokens_per_s: float = 0.0
+    finish_reason: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    attribution: list[Attribution] = field(default_factory=list)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float,
+           generator: torch.Generator | None) -> int:
+    """logits (V,) -> token id: greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+@torch.no_grad()
+def prefill(model, prompt_ids: torch.Tensor, memory: Memory | None) -> torch.Tensor:
+    """prompt_ids (1, T) -> logits of the last position (V,), filling the KV cache."""
+    input_pos = torch.arange(prompt_ids.shape[1], device=prompt_ids.device)
+    return model(prompt_ids, input_pos, memory=memory)[0, -1]
+
+
+@torch.no_grad()
+def decode_one_token(model, token: int, position: int, memory: Memory | None, device) -> torch.Tensor:
+    ids = torch.tensor([[token]], device=device)
+    return model(ids, torch.tensor([position], device=device), memory=memory)[0, -1]
+
+
+def generate_tokens(model, prompt_ids: Sequence[int], memory: Memory | None, settings: GenerationSettings,
+                    eos_ids: Sequence[int] = ()) -> Iterator[int]:
+    """Yields new token ids until EOS (not yielded) or `max_new_tokens`. Owns the cache lifecycle."""
+    base = model.base if hasattr(model, "base") else model
+    device = base.embed_tokens.weight.device
+    generator = torch.Generator().manual_seed(settings.seed)
+    ids = torch.tensor([list(prompt_ids)], device=device)
+    base.setup_caches(1, ids.shape[1] + settings.max_new_tokens)
+    try:
+        if memory is not None:
+            memory.tracking = True
+        logits = prefill(model, ids, memory)
+        position = ids.shape[1]
+        for step in range(settings.max_new_tokens):
+            token = sample(logits, settings.temperature, settings.top_p, generator)
+            if token in eos_ids:
+                return
+            yield token
+            if step + 1 == settings.max_new_tokens:
+                return
+            logits = decode_one_token(model, token, position, memory, device)
+            position += 1
+    finally:
+        if memory is not None:
+            memory.tracking = False
+        base.clear_caches()
+
+
+class TextStream:
+    """Iterates decoded text pieces; `result` holds the full answer and timings once exhausted.
+
+    Pieces are emitted only once they are final: an incomplete UTF-8 sequence or a possible
+    prefix of a stop string is held back until the next token decides it.
+    """
+
+    def __init__(self, model, tokenizer, prompt_ids: list[int], memory: Memory | None,
+                 settings: GenerationSettings, eos_ids: Sequence[int], retrieval_s: float = 0.0) -> None:
+        self.model, self.tokenizer, self.memory = model, tokenizer, memory
+        self.prompt_ids, self.settings, self.eos_ids = prompt_ids, settings, eos_ids
+        self.retrieval_s = retrieval_s
+        self.result = GenerationResult(prompt_tokens=len(prompt_ids))
+
+    def __iter__(self) -> Iterator[str]:
+        start = time.perf_counter()
+        emitted, tokens, first_at = "", [], None
+        finish = "length"
+        for token in generate_tokens(self.model, self.prompt_ids, self.memory, self.settings, self.eos_ids):
+            first_at = first_at or time.perf_counter()
+            tokens.append(token)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            cut = _stop_position(text, self.settings.stop)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+                if len(text) > len(emitted):
+                    yield text[len(emitted):]
+                emitted = text
+                break
+            ready = _safe_prefix(text, self.settings.stop)
+            if len(ready) > len(emitted):
+                yield ready[len(emitted):]
+                emitted = ready
+        else:
+            finish = "eos" if len(tokens) < self.settings.max_new_tokens else "length"
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+            emitted = text
+        end = time.perf_counter()
+        decode_s = end - (first_at or end)
+        self.result = GenerationResult(
+            text=emitted, new_tokens=len(tokens), prompt_tokens=len(self.prompt_ids),
+            ttft_s=(first_at or end) - start + self.retrieval_s, total_s=end - start + self.retrieval_s,
+            tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
+            finish_reason=finish, token_ids=tokens,
+            attribution=attribute(self.memory) if self.memory is not None else [],
+        )
+
+
+def _stop_position(text: str, stops: Sequence[str]) -> int | None:
+    found = [text.find(s) for s in stops if s and s in text]
+    return min(found) if found else None
+
+
+def _safe_prefix(text: str, stops: Sequence[str]) -> str:
+    """Text that can be shown now: no trailing replacement char, no possible stop-string prefix."""
+    text = text.rstrip("\ufffd")
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return text[: len(text) - hold] if hold else text

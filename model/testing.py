@@ -1,0 +1,43 @@
+"""Small real models for fast tests of code that uses the engine (store, app, benchmarks).
+
+`tiny_loaded_model` pairs the default model's real tokenizer with a tiny randomly initialised
+LLaMA (4 layers, d=64), so tests run the production code paths in milliseconds per call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig, SharedLLMConfig
+from model.decoder import Transformer
+from model.loading import load_tokenizer, resolve_checkpoint
+from model.runtime import LoadedModel
+from model.sharedllm import SharedLLM
+
+
+def tiny_config(vocab_size: int = 49152, **overrides) -> ModelConfig:
+    values = dict(vocab_size=vocab_size, n_layer=4, n_head=4, n_kv_head=2, dim=64, intermediate_size=128,
+                  head_dim=16, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True, max_position=8192)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def random_transformer(config: ModelConfig, seed: int = 0, std: float = 0.1) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, std)
+    return model.eval()
+
+
+def tiny_loaded_model(data_dir: str | Path, chunk_len: int = 64, seed: int = 0, **config_overrides) -> LoadedModel:
+    tokenizer = load_tokenizer(resolve_checkpoint(None, Path(data_dir)))
+    base = random_transformer(tiny_config(), seed)
+    cfg = SharedLLMConfig(n_inject_layers=2, chunk_len=chunk_len, tree_dtype="float32", **config_overrides)
+    return LoadedModel(SharedLLM(base, cfg).eval(), tokenizer, "tiny-random", f"tiny-random-{seed}", False)
