@@ -1,0 +1,71 @@
+"""The application context: settings, database, tensor store, services and the (lazily loaded) model.
+
+Built once at an entry point (`sharedllm serve`, each CLI command, a test) and passed to the UI
+pages and CLI commands; nothing else opens connections or loads models.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from app.auth import AuthService
+from app.config import Settings
+from app.services.conversations import ConversationService
+from app.services.documents import DocumentService
+from app.services.qa import QAService
+from storage import TensorStore, make_engine, make_session_factory, upgrade
+
+logger = logging.getLogger(__name__)
+
+TENSORS_SUBDIR = "trees"
+
+
+class AppContext:
+    def __init__(self, settings: Settings, model: Any | None = None,
+                 model_loader: Callable[[Settings], Any] | None = None):
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = make_engine(settings.resolved_database_url)
+        upgrade(self.db)
+        self.sessions = make_session_factory(self.db)
+        self.tensors = TensorStore(settings.data_dir / TENSORS_SUBDIR)
+        self.auth = AuthService(self.sessions)
+        self.documents = DocumentService(self.sessions, self.tensors)
+        self.conversations = ConversationService(self.sessions)
+        self.qa = QAService(self.sessions, self.documents, self.model)
+        self._model = model
+        self._model_loader = model_loader or _load_default
+        self._model_lock = threading.Lock()
+        self._ingestion: Any | None = None
+
+    def model(self) -> Any:
+        """The LoadedModel, loaded on first use (seconds), shared by every request."""
+        if self._model is None:
+            with self._model_lock:
+                if self._model is None:
+                    self._model = self._model_loader(self.settings)
+        return self._model
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def ingestion(self) -> Any:
+        from app.services.ingest import Ingestion
+
+        if self._ingestion is None:
+            self._ingestion = Ingestion(self)
+        return self._ingestion
+
+    def close(self) -> None:
+        self.db.dispose()
+
+
+def _load_default(settings: Settings) -> Any:
+    from model import load_model
+
+    return load_model(settings.model, data_dir=settings.data_dir, device=settings.device)

@@ -1,0 +1,201 @@
+"""The document library of one owner: list, read pages, delete, and load what QA needs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.services.errors import NotFound, NotReady
+from storage import ContextTreeRecord, Document, DocumentStatus, Page, TensorStore
+
+logger = logging.getLogger(__name__)
+
+TOKEN_IDS_KEY = "doc.token_ids"
+
+STATUS_HELP = {
+    DocumentStatus.PENDING.value: "is waiting to be processed",
+    DocumentStatus.EXTRACTING.value: "is still being read (extracting text)",
+    DocumentStatus.ENCODING.value: "is still being encoded",
+    DocumentStatus.NEEDS_PASSWORD.value: "is password-protected; upload an unlocked copy",
+    DocumentStatus.NO_TEXT_LAYER.value: "has no text layer (a scan?); run OCR first",
+    DocumentStatus.FAILED.value: "failed to ingest",
+}
+
+
+def owned_document(session: Session, owner_id: int, document_id: int) -> Document:
+    """The document if owner_id owns it, else NotFound (a foreign id looks like a missing one)."""
+    doc = session.scalar(select(Document).where(Document.id == document_id, Document.owner_id == owner_id))
+    if doc is None:
+        raise NotFound(f"document {document_id} not found")
+    return doc
+
+
+def document_dict(doc: Document) -> dict[str, Any]:
+    return {
+        "id": doc.id,
+        "name": doc.name,
+        "pages": doc.pages,
+        "tokens": doc.tokens,
+        "status": doc.status,
+        "error": doc.error,
+        "size_bytes": doc.size_bytes,
+        "sha256": doc.sha256,
+        "created_at": doc.created_at.isoformat() if doc.created_at else None,
+    }
+
+
+def not_ready_message(doc: Document) -> str:
+    why = STATUS_HELP.get(doc.status, f"is {doc.status}")
+    reason = f" ({doc.error})" if doc.error and doc.status == DocumentStatus.FAILED.value else ""
+    return f"document {doc.name!r} {why}{reason}"
+
+
+@dataclass
+class PageSpan:
+    number: int  # 1-based
+    token_start: int
+    token_end: int  # exclusive
+    text: str
+
+
+@dataclass
+class DocumentContext:
+    """One ready document as QA sees it: pages, chunk texts, and (for sharedllm) its tree."""
+
+    id: int
+    name: str
+    pages: list[PageSpan]
+    chunks: list[dict[str, Any]]  # {index, token_start, token_end, page_start, page_end, text}
+    tree: Any | None = None  # model.ContextTree
+    token_ids: list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def page_of(self, token_start: int, token_end: int) -> PageSpan | None:
+        """The page that overlaps the token range [start, end) the most."""
+        best, best_overlap = None, 0
+        for page in self.pages:
+            overlap = min(token_end, page.token_end) - max(token_start, page.token_start)
+            if overlap > best_overlap:
+                best, best_overlap = page, overlap
+        if best is None and self.pages:
+            best = min(self.pages, key=lambda p: abs(p.token_start - token_start))
+        return best
+
+    @property
+    def text(self) -> str:
+        return "\n\n".join(p.text for p in self.pages)
+
+
+class DocumentService:
+    def __init__(self, session_factory: sessionmaker[Session], tensors: TensorStore, cache_size: int = 8):
+        self._sessions = session_factory
+        self._tensors = tensors
+        # Loaded trees by (path, sha256): the checksum is verified once per file, not per question.
+        self._cache: OrderedDict[tuple[str, str], tuple[Any, list[int] | None]] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def list(self, owner_id: int) -> list[dict[str, Any]]:
+        with self._sessions() as session:
+            docs = session.scalars(
+                select(Document).where(Document.owner_id == owner_id).order_by(Document.created_at.desc(), Document.id.desc())
+            )
+            return [document_dict(d) for d in docs]
+
+    def get(self, owner_id: int, document_id: int) -> dict[str, Any]:
+        with self._sessions() as session:
+            return document_dict(owned_document(session, owner_id, document_id))
+
+    def page_text(self, owner_id: int, document_id: int, page: int) -> str:
+        with self._sessions() as session:
+            owned_document(session, owner_id, document_id)
+            row = session.scalar(select(Page).where(Page.document_id == document_id, Page.number == page))
+            if row is None:
+                raise NotFound(f"page {page} of document {document_id} not found")
+            return row.text
+
+    def delete(self, owner_id: int, document_id: int) -> dict[str, Any]:
+        """Delete the row (cascading to pages, chunks, tree records), then its tensor files."""
+        with self._sessions.begin() as session:
+            doc = owned_document(session, owner_id, document_id)
+            info = document_dict(doc)
+            paths = [t.path for t in doc.trees]
+            session.delete(doc)
+        for path in paths:
+            self.forget(path)
+            try:
+                self._tensors.delete(path)
+            except Exception:  # the row is gone; a leftover file is logged, not fatal
+                logger.exception("could not delete tensor file %s of document %s", path, document_id)
+        logger.info("owner %s deleted document %s (%s)", owner_id, document_id, info["name"])
+        return info
+
+    def load_for_qa(self, owner_id: int, document_ids: list[int], fingerprint: str | None) -> list[DocumentContext]:
+        """Ready documents in the given order; NotFound/NotReady if any is foreign, missing or not ready.
+
+        With a fingerprint, each document's context tree for that model is loaded too (memory-mapped).
+        """
+        out = []
+        with self._sessions() as session:
+            for doc_id in document_ids:
+                doc = owned_document(session, owner_id, doc_id)
+                if doc.status != DocumentStatus.READY.value:
+                    raise NotReady(not_ready_message(doc))
+                pages = [PageSpan(p.number, p.token_start, p.token_end, p.text) for p in doc.page_rows]
+                chunks = [
+                    {
+                        "index": c.index,
+                        "token_start": c.token_start,
+                        "token_end": c.token_end,
+                        "page_start": c.page_start,
+                        "page_end": c.page_end,
+                        "text": c.text,
+                    }
+                    for c in doc.chunks
+                ]
+                ctx = DocumentContext(doc.id, doc.name, pages, chunks)
+                if fingerprint is not None:
+                    record = session.scalar(
+                        select(ContextTreeRecord).where(
+                            ContextTreeRecord.document_id == doc.id, ContextTreeRecord.fingerprint == fingerprint
+                        )
+                    )
+                    if record is None:
+                        raise NotReady(
+                            f"document {doc.name!r} was encoded with another model; re-ingest it to use this one"
+                        )
+                    ctx.extra["tree_path"] = record.path
+                    ctx.extra["tree_sha256"] = record.sha256
+                out.append(ctx)
+        for ctx in out:
+            if "tree_path" in ctx.extra:
+                ctx.tree, ctx.token_ids = self._load_tree(ctx.extra["tree_path"], ctx.extra["tree_sha256"])
+        return out
+
+    def _load_tree(self, path: str, sha256: str) -> tuple[Any, list[int] | None]:
+        from model import ContextTree
+
+        key = (path, sha256)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        tensors = self._tensors.load(path, sha256)
+        token_ids = tensors.get(TOKEN_IDS_KEY)
+        loaded = ContextTree.from_tensors(tensors), (token_ids.tolist() if token_ids is not None else None)
+        with self._lock:
+            self._cache[key] = loaded
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return loaded
+
+    def forget(self, path: str) -> None:
+        with self._lock:
+            for key in [k for k in self._cache if k[0] == path]:
+                del self._cache[key]

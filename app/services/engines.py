@@ -1,0 +1,177 @@
+"""Answering engines behind one interface (DESIGN section 5).
+
+An engine turns (question, documents, earlier turns) into the model's input: chat messages and,
+for `sharedllm`, a cross-attention memory. After generation it turns what the model reports into
+page citations. The QA service does the rest (ownership, persistence, timings), identically for all
+engines, so they are compared on the same work.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from app.services.documents import DocumentContext
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_PROMPT = (
+    "You are a careful assistant answering questions about the user's documents. "
+    "Answer briefly and only from the documents; if they do not contain the answer, say so."
+)
+PASSAGE_CHARS = 600
+_WORD = re.compile(r"[A-Za-z0-9]+")
+
+
+@dataclass
+class Prepared:
+    messages: list[dict[str, str]]
+    memory: Any | None
+    retrieval_s: float
+    used: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (doc index, chunk) in the prompt
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    name: str
+    needs_tree: bool
+
+    def prepare(self, lm: Any, question: str, docs: list[DocumentContext], history: list[dict[str, str]]) -> Prepared: ...
+
+    def citations(self, lm: Any, docs: list[DocumentContext], prepared: Prepared, result: Any, k: int) -> list[dict[str, Any]]: ...
+
+
+def citation(doc: DocumentContext, page: int, text: str) -> dict[str, Any]:
+    text = " ".join(text.split())
+    if len(text) > PASSAGE_CHARS:
+        text = text[: PASSAGE_CHARS - 1] + "…"
+    return {"document": doc.id, "name": doc.name, "page": page, "text": text}
+
+
+def _passage(lm: Any, doc: DocumentContext, token_start: int, token_end: int) -> str:
+    """The document text of a token range: decoded from the stored token ids when available."""
+    if doc.token_ids is not None:
+        return lm.tokenizer.decode(doc.token_ids[token_start:token_end], skip_special_tokens=True)
+    page = doc.page_of(token_start, token_end)
+    return page.text if page else ""
+
+
+class SharedLLMEngine:
+    """The method: query-aware tree retrieval + cross-attention; citations from attention mass."""
+
+    name = "sharedllm"
+    needs_tree = True
+
+    def prepare(self, lm, question, docs, history):
+        t0 = time.perf_counter()
+        memory = lm.build_memory([d.tree for d in docs], question=question)
+        retrieval_s = time.perf_counter() - t0
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, *history, {"role": "user", "content": question}]
+        return Prepared(messages, memory, retrieval_s)
+
+    def citations(self, lm, docs, prepared, result, k):
+        mass: dict[tuple[int, int], float] = defaultdict(float)
+        best_span: dict[tuple[int, int], tuple[float, int, int]] = {}
+        for att in result.attribution or []:
+            doc = docs[att.doc_index]
+            page = doc.page_of(att.token_start, att.token_end)
+            if page is None:
+                continue
+            key = (att.doc_index, page.number)
+            mass[key] += att.mass
+            if key not in best_span or att.mass > best_span[key][0]:
+                best_span[key] = (att.mass, att.token_start, att.token_end)
+        ranked = sorted(mass, key=mass.get, reverse=True)[:k]
+        out = []
+        for doc_index, page in ranked:
+            _, start, end = best_span[(doc_index, page)]
+            doc = docs[doc_index]
+            out.append(citation(doc, page, _passage(lm, doc, start, end)))
+        return out
+
+
+def _window(lm: Any) -> int:
+    """The base model's context window in tokens."""
+    return int(lm.model.base.config.max_position)
+
+
+class FullContextEngine:
+    """Baseline: the document text in the prompt, head and tail kept when it does not fit."""
+
+    name = "full"
+    needs_tree = False
+
+    def prepare(self, lm, question, docs, history):
+        t0 = time.perf_counter()
+        budget = max(256, _window(lm) - 512 - 64 * len(history))  # room for the answer and the chat
+        per_doc = budget // max(1, len(docs))
+        parts, truncated = [], False
+        for doc in docs:
+            ids = lm.tokenizer.encode(doc.text, add_special_tokens=False)
+            if len(ids) > per_doc:
+                truncated = True
+                head, tail = ids[: per_doc // 2], ids[-(per_doc - per_doc // 2):]
+                text = lm.tokenizer.decode(head) + "\n[...]\n" + lm.tokenizer.decode(tail)
+            else:
+                text = doc.text
+            parts.append(f"Document: {doc.name}\n{text}")
+        prompt = "\n\n".join(parts) + f"\n\nQuestion: {question}"
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, *history, {"role": "user", "content": prompt}]
+        return Prepared(messages, None, time.perf_counter() - t0, notes={"truncated": truncated})
+
+    def citations(self, lm, docs, prepared, result, k):
+        """No attention attribution without memory: cite the pages sharing most words with the answer."""
+        answer = set(w.lower() for w in _WORD.findall(result.text))
+        scored = []
+        for doc in docs:
+            for page in doc.pages:
+                words = set(w.lower() for w in _WORD.findall(page.text))
+                overlap = len(answer & words) / (1 + len(answer))
+                if overlap > 0:
+                    scored.append((overlap, doc, page))
+        scored.sort(key=lambda s: s[0], reverse=True)
+        return [citation(doc, page.number, page.text) for _, doc, page in scored[:k]]
+
+
+class RagEngine:
+    """Baseline: BM25 over stored chunk texts, top-k chunks in the prompt; cites the chunks' pages."""
+
+    name = "rag"
+    needs_tree = False
+    top_k = 4
+
+    def prepare(self, lm, question, docs, history):
+        import bm25s
+
+        t0 = time.perf_counter()
+        corpus = [(i, c) for i, d in enumerate(docs) for c in d.chunks if c["text"].strip()]
+        used: list[tuple[int, dict[str, Any]]] = []
+        if corpus:
+            retriever = bm25s.BM25()
+            retriever.index(bm25s.tokenize([c["text"] for _, c in corpus], show_progress=False), show_progress=False)
+            k = min(self.top_k, len(corpus))
+            results, _ = retriever.retrieve(bm25s.tokenize([question], show_progress=False), k=k, show_progress=False)
+            used = [corpus[int(j)] for j in results[0]]  # best first (citations keep this order)
+        in_order = sorted(used, key=lambda u: (u[0], u[1]["index"]))  # the prompt reads in document order
+        context = "\n\n".join(f"[{docs[i].name}, page {c['page_start']}]\n{c['text']}" for i, c in in_order)
+        prompt = f"{context}\n\nQuestion: {question}"
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, *history, {"role": "user", "content": prompt}]
+        return Prepared(messages, None, time.perf_counter() - t0, used=used)
+
+    def citations(self, lm, docs, prepared, result, k):
+        return [citation(docs[i], c["page_start"], c["text"]) for i, c in prepared.used[:k]]
+
+
+ENGINES: dict[str, Engine] = {e.name: e for e in (SharedLLMEngine(), FullContextEngine(), RagEngine())}
+
+
+def get_engine(name: str) -> Engine:
+    from app.services.errors import BadRequest
+
+    if name not in ENGINES:
+        raise BadRequest(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}")
+    return ENGINES[name]

@@ -1,0 +1,157 @@
+"""Question answering: one turn of a conversation, streamed, cited, timed and persisted.
+
+`QAService.answer` is a generator: it yields `str` pieces of the answer as the model produces them,
+then exactly one `Answer` (the final record). Ownership of the conversation and of every document is
+checked before the model sees anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.services.conversations import owned_conversation, title_from_question
+from app.services.documents import DocumentService
+from app.services.engines import get_engine
+from app.services.errors import BadRequest
+from storage import Conversation, Message
+
+logger = logging.getLogger(__name__)
+
+HISTORY_TURNS = 3  # earlier question/answer pairs given to the model as chat context
+MAX_QUESTION_CHARS = 4000
+
+
+@dataclass
+class AnswerSettings:
+    """Per-question decoding settings (the UI settings panel, `ask` flags)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    max_citations: int = 3
+
+    def generation(self) -> Any:
+        from model import GenerationSettings
+
+        return GenerationSettings(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=[]
+        )
+
+
+@dataclass
+class Answer:
+    answer: str
+    engine: str
+    conversation: int
+    citations: list[dict[str, Any]]
+    timings: dict[str, float]
+    message_id: int
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `ask --json` document (DESIGN section 6)."""
+        out = asdict(self)
+        out.pop("message_id")
+        out.pop("notes")
+        return out
+
+
+class QAService:
+    def __init__(self, session_factory: sessionmaker[Session], documents: DocumentService,
+                 model_provider: Callable[[], Any]):
+        self._sessions = session_factory
+        self._documents = documents
+        self._model = model_provider  # returns the LoadedModel, loading it on first use
+
+    def answer(self, owner_id: int, question: str, document_ids: list[int], conversation_id: int | None,
+               engine: str, settings: AnswerSettings) -> Iterator[str | Answer]:
+        t_start = time.perf_counter()
+        question = question.strip()
+        if not question:
+            raise BadRequest("the question is empty")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise BadRequest(f"the question is too long (over {MAX_QUESTION_CHARS} characters)")
+        impl = get_engine(engine)
+
+        history, document_ids = self._conversation_context(owner_id, conversation_id, document_ids)
+        if not document_ids:
+            raise BadRequest("select at least one document to ask about")
+        lm = self._model()
+        docs = self._documents.load_for_qa(owner_id, document_ids, lm.fingerprint if impl.needs_tree else None)
+
+        prepared = impl.prepare(lm, question, docs, history)
+        stream = lm.generate(prepared.messages, memory=prepared.memory, settings=settings.generation())
+        ttft_s = None
+        pieces = []
+        for piece in stream:
+            if ttft_s is None:
+                ttft_s = time.perf_counter() - t_start
+            pieces.append(piece)
+            yield piece
+        result = stream.result
+        total_s = time.perf_counter() - t_start
+        text = result.text if result.text else "".join(pieces)
+        citations = impl.citations(lm, docs, prepared, result, settings.max_citations)
+        timings = {
+            "retrieval_s": round(prepared.retrieval_s, 4),
+            "ttft_s": round(ttft_s if ttft_s is not None else total_s, 4),
+            "total_s": round(total_s, 4),
+            "new_tokens": int(result.new_tokens),
+            "tokens_per_s": round(float(result.tokens_per_s), 2),
+        }
+        conv_id, message_id = self._save(owner_id, conversation_id, document_ids, engine, question, text,
+                                         citations, timings)
+        logger.info("owner %s conversation %s: %s answered in %.2f s (%d tokens)", owner_id, conv_id, engine,
+                    total_s, timings["new_tokens"])
+        yield Answer(text, engine, conv_id, citations, timings, message_id, prepared.notes)
+
+    def answer_all(self, *args: Any, **kwargs: Any) -> Answer:
+        """Non-streaming convenience: the final record."""
+        final = None
+        for item in self.answer(*args, **kwargs):
+            if isinstance(item, Answer):
+                final = item
+        assert final is not None
+        return final
+
+    def _conversation_context(self, owner_id: int, conversation_id: int | None,
+                              document_ids: list[int]) -> tuple[list[dict[str, str]], list[int]]:
+        """Earlier turns (as chat messages) and the document selection; an existing conversation keeps
+        its documents unless the caller selects others."""
+        if conversation_id is None:
+            return [], list(dict.fromkeys(document_ids))
+        with self._sessions() as session:
+            conv = owned_conversation(session, owner_id, conversation_id)
+            turns = [m for m in conv.messages if m.role in ("user", "assistant")][-2 * HISTORY_TURNS:]
+            history = [{"role": m.role, "content": m.text} for m in turns]
+            ids = list(dict.fromkeys(document_ids)) or list(conv.document_ids or [])
+            return history, ids
+
+    def _save(self, owner_id: int, conversation_id: int | None, document_ids: list[int], engine: str,
+              question: str, text: str, citations: list[dict[str, Any]],
+              timings: dict[str, float]) -> tuple[int, int]:
+        with self._sessions.begin() as session:
+            if conversation_id is None:
+                conv = Conversation(owner_id=owner_id, title=title_from_question(question),
+                                    document_ids=document_ids, engine=engine)
+                session.add(conv)
+                session.flush()
+            else:
+                conv = owned_conversation(session, owner_id, conversation_id)
+                conv.document_ids = document_ids
+                conv.engine = engine
+                if not conv.title:
+                    conv.title = title_from_question(question)
+            session.add(Message(conversation_id=conv.id, role="user", text=question, engine=engine))
+            reply = Message(conversation_id=conv.id, role="assistant", text=text, citations=citations,
+                            timings=timings, engine=engine)
+            session.add(reply)
+            session.flush()
+            return conv.id, reply.id

@@ -1,0 +1,78 @@
+"""Fixtures for the application layer: an AppContext on a temporary data dir, users, and ready
+documents made directly through storage + the model (independent of PDF ingestion)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from app.config import Settings
+from app.services.context import AppContext
+from app.services.documents import TOKEN_IDS_KEY
+from storage import Chunk, ContextTreeRecord, Document, DocumentStatus, Page
+
+
+def make_ready_document(ctx: AppContext, owner_id: int, name: str, pages: list[str]) -> int:
+    """Insert a `ready` document with pages, chunks and a context tree encoded by ctx's model."""
+    lm = ctx.model()
+    ids: list[int] = []
+    spans = []
+    for number, text in enumerate(pages, 1):
+        start = len(ids)
+        ids += lm.tokenize(text + "\n\n")
+        spans.append((number, start, len(ids), text))
+    chunk_len = lm.config.chunk_len
+    tree = lm.encode_tree(ids)
+    tensors = tree.to_tensors()
+    tensors[TOKEN_IDS_KEY] = torch.tensor(ids, dtype=torch.int32)
+    with ctx.sessions.begin() as session:
+        doc = Document(owner_id=owner_id, sha256=f"{name}-{owner_id}".ljust(64, "0")[:64], name=name,
+                       size_bytes=sum(len(p) for p in pages), pages=len(pages), tokens=len(ids),
+                       status=DocumentStatus.READY.value)
+        session.add(doc)
+        session.flush()
+        for number, start, end, text in spans:
+            session.add(Page(document_id=doc.id, number=number, text=text, token_start=start, token_end=end))
+        for index, start in enumerate(range(0, len(ids), chunk_len)):
+            end = min(start + chunk_len, len(ids))
+            inside = [n for n, s, e, _ in spans if s < end and e > start]
+            session.add(Chunk(document_id=doc.id, index=index, token_start=start, token_end=end,
+                              page_start=min(inside), page_end=max(inside), text=lm.tokenizer.decode(ids[start:end])))
+        stored = ctx.tensors.save(doc.id, lm.fingerprint, tensors)
+        session.add(ContextTreeRecord(document_id=doc.id, fingerprint=lm.fingerprint, path=stored.path,
+                                      sha256=stored.sha256, bytes=stored.bytes))
+        return doc.id
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return Settings.load({"data_dir": tmp_path / "data"}, environ={})
+
+
+@pytest.fixture
+def ctx(settings, tiny_model):
+    context = AppContext(settings, model=tiny_model)
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def make_doc(ctx) -> Callable[..., int]:
+    def make(owner_id: int, name: str = "report.pdf", pages: list[str] | None = None) -> int:
+        pages = pages or [
+            "Page one. The contract starts on 1 March 2024 between Acme Ltd and Beta GmbH.",
+            "Page two. The annual fee is 12,500 euros, payable in advance each January.",
+            "Page three. Either party may terminate with ninety days written notice.",
+        ]
+        return make_ready_document(ctx, owner_id, name, pages)
+
+    return make
+
+
+@pytest.fixture
+def two_users(ctx):
+    alice = ctx.auth.add_user("alice", "alice-password-1")
+    bob = ctx.auth.add_user("bob", "bob-password-22")
+    return alice, bob

@@ -1,0 +1,93 @@
+"""QA, documents and conversations services on a tiny random model (production code paths)."""
+
+import pytest
+
+from app.services import BadRequest, NotFound, NotReady
+from app.services.qa import Answer, AnswerSettings
+from storage import Document
+
+FAST = AnswerSettings(max_new_tokens=6)
+
+
+def run(ctx, owner_id, question, doc_ids, conversation_id=None, engine="sharedllm", settings=FAST):
+    items = list(ctx.qa.answer(owner_id, question, doc_ids, conversation_id, engine, settings))
+    pieces, final = items[:-1], items[-1]
+    assert isinstance(final, Answer) and all(isinstance(p, str) for p in pieces)
+    return pieces, final
+
+
+def test_answer_streams_then_final_record_with_citations_and_timings(ctx, two_users, make_doc):
+    alice, _ = two_users
+    doc = make_doc(alice.id)
+    pieces, final = run(ctx, alice.id, "What is the annual fee?", [doc])
+    assert pieces and "".join(pieces) == final.answer
+    assert final.engine == "sharedllm" and final.conversation > 0
+    assert set(final.timings) == {"retrieval_s", "ttft_s", "total_s", "new_tokens", "tokens_per_s"}
+    assert final.timings["new_tokens"] == 6
+    assert 0 <= final.timings["retrieval_s"] <= final.timings["ttft_s"] <= final.timings["total_s"]
+    assert 1 <= len(final.citations) <= FAST.max_citations
+    for c in final.citations:
+        assert c["document"] == doc and c["name"] == "report.pdf" and c["page"] in (1, 2, 3) and c["text"]
+    data = final.to_dict()
+    assert set(data) == {"answer", "engine", "conversation", "citations", "timings"}
+
+
+def test_conversation_persists_and_continues(ctx, two_users, make_doc):
+    alice, _ = two_users
+    doc = make_doc(alice.id)
+    _, first = run(ctx, alice.id, "When does the contract start?", [doc])
+    _, second = run(ctx, alice.id, "And the fee?", [], conversation_id=first.conversation)
+    assert second.conversation == first.conversation
+    convs = ctx.conversations.list(alice.id)
+    assert [c["id"] for c in convs] == [first.conversation]
+    assert convs[0]["title"] == "When does the contract start?" and convs[0]["document_ids"] == [doc]
+    messages = ctx.conversations.messages(alice.id, first.conversation)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[1]["citations"] == first.citations and messages[3]["timings"] == second.timings
+
+
+@pytest.mark.parametrize("engine", ["full", "rag"])
+def test_baseline_engines_answer_with_citations(ctx, two_users, make_doc, engine):
+    alice, _ = two_users
+    doc = make_doc(alice.id)
+    _, final = run(ctx, alice.id, "What is the annual fee?", [doc], engine=engine)
+    assert final.engine == engine
+    if engine == "rag":
+        assert final.citations and all(c["document"] == doc for c in final.citations)
+
+
+def test_errors_are_clear(ctx, two_users, make_doc):
+    alice, _ = two_users
+    doc = make_doc(alice.id)
+    with pytest.raises(BadRequest, match="empty"):
+        run(ctx, alice.id, "   ", [doc])
+    with pytest.raises(BadRequest, match="select at least one document"):
+        run(ctx, alice.id, "fee?", [])
+    with pytest.raises(BadRequest, match="unknown engine"):
+        run(ctx, alice.id, "fee?", [doc], engine="gpt")
+    with pytest.raises(NotFound, match="document 999 not found"):
+        run(ctx, alice.id, "fee?", [999])
+    with ctx.sessions.begin() as s:
+        s.get(Document, doc).status = "encoding"
+    with pytest.raises(NotReady, match="still being encoded"):
+        run(ctx, alice.id, "fee?", [doc])
+    with ctx.sessions.begin() as s:
+        row = s.get(Document, doc)
+        row.status, row.error = "failed", "pypdf could not parse the file"
+    with pytest.raises(NotReady, match="failed to ingest .pypdf could not parse"):
+        run(ctx, alice.id, "fee?", [doc])
+
+
+def test_documents_list_page_text_and_delete_removes_tensor_files(ctx, two_users, make_doc):
+    alice, _ = two_users
+    doc = make_doc(alice.id)
+    [info] = ctx.documents.list(alice.id)
+    assert info["id"] == doc and info["pages"] == 3 and info["status"] == "ready" and info["tokens"] > 0
+    assert "annual fee" in ctx.documents.page_text(alice.id, doc, 2)
+    files = list((ctx.settings.data_dir / "trees").rglob("*.safetensors"))
+    assert len(files) == 1
+    ctx.documents.delete(alice.id, doc)
+    assert ctx.documents.list(alice.id) == []
+    assert not files[0].exists()
+    with pytest.raises(NotFound):
+        ctx.documents.page_text(alice.id, doc, 2)
