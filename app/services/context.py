@@ -33,7 +33,8 @@ class AppContext:
         self.sessions = make_session_factory(self.db)
         self.tensors = TensorStore(settings.data_dir / TENSORS_SUBDIR)
         self.auth = AuthService(self.sessions)
-        self.documents = DocumentService(self.sessions, self.tensors)
+        self.documents = DocumentService(self.sessions, self.tensors, settings.uploads_dir)
+        self.documents.ensure_tree = lambda owner_id, doc_id: self.ingestion.ensure_tree(owner_id, doc_id)
         self.conversations = ConversationService(self.sessions)
         self.qa = QAService(self.sessions, self.documents, self.model)
         self._model = model

@@ -6,13 +6,15 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.services.errors import NotFound, NotReady
-from storage import ContextTreeRecord, Document, DocumentStatus, Page, TensorStore
+from storage import ContextTreeRecord, Document, DocumentStatus, Page, TensorStore, TensorStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +94,20 @@ class DocumentContext:
         return "\n\n".join(p.text for p in self.pages)
 
 
+class _MissingTree(Exception):
+    def __init__(self, document_id: int, message: str):
+        super().__init__(message)
+        self.document_id = document_id
+
+
 class DocumentService:
-    def __init__(self, session_factory: sessionmaker[Session], tensors: TensorStore, cache_size: int = 8):
+    def __init__(self, session_factory: sessionmaker[Session], tensors: TensorStore, uploads_dir: Path,
+                 cache_size: int = 8):
         self._sessions = session_factory
         self._tensors = tensors
+        self._uploads = uploads_dir
+        # Called with (owner_id, document_id) when a ready document has no tree for the model.
+        self.ensure_tree: Callable[[int, int], None] | None = None
         # Loaded trees by (path, sha256): the checksum is verified once per file, not per question.
         self._cache: OrderedDict[tuple[str, str], tuple[Any, list[int] | None]] = OrderedDict()
         self._cache_size = cache_size
@@ -126,7 +138,9 @@ class DocumentService:
             doc = owned_document(session, owner_id, document_id)
             info = document_dict(doc)
             paths = [t.path for t in doc.trees]
+            upload = self._uploads / str(int(owner_id)) / f"{doc.sha256}.pdf"
             session.delete(doc)
+        upload.unlink(missing_ok=True)
         for path in paths:
             self.forget(path)
             try:
@@ -139,8 +153,26 @@ class DocumentService:
     def load_for_qa(self, owner_id: int, document_ids: list[int], fingerprint: str | None) -> list[DocumentContext]:
         """Ready documents in the given order; NotFound/NotReady if any is foreign, missing or not ready.
 
-        With a fingerprint, each document's context tree for that model is loaded too (memory-mapped).
+        With a fingerprint, each document's context tree for that model is loaded too (memory-mapped);
+        a document encoded by another model is re-encoded first when `ensure_tree` is set.
         """
+        try:
+            return self._load_for_qa(owner_id, document_ids, fingerprint)
+        except TensorStoreError as damaged:
+            if self.ensure_tree is None:
+                raise
+            logger.warning("stored tree unusable (%s): re-encoding", damaged)
+            for doc_id in document_ids:
+                self.ensure_tree(owner_id, doc_id)  # verifies each file, re-encodes the bad ones
+            return self._load_for_qa(owner_id, document_ids, fingerprint)
+        except _MissingTree as missing:
+            if self.ensure_tree is None:
+                raise NotReady(str(missing)) from None
+            logger.info("document %s has no tree for model %s: encoding it now", missing.document_id, fingerprint)
+            self.ensure_tree(owner_id, missing.document_id)
+            return self._load_for_qa(owner_id, document_ids, fingerprint)
+
+    def _load_for_qa(self, owner_id: int, document_ids: list[int], fingerprint: str | None) -> list[DocumentContext]:
         out = []
         with self._sessions() as session:
             for doc_id in document_ids:
@@ -167,14 +199,13 @@ class DocumentService:
                         )
                     )
                     if record is None:
-                        raise NotReady(
-                            f"document {doc.name!r} was encoded with another model; re-ingest it to use this one"
-                        )
+                        raise _MissingTree(doc.id, f"document {doc.name!r} was encoded with another model")
                     ctx.extra["tree_path"] = record.path
                     ctx.extra["tree_sha256"] = record.sha256
                 out.append(ctx)
         for ctx in out:
             if "tree_path" in ctx.extra:
+                self.forget_if_changed(ctx.extra["tree_path"], ctx.extra["tree_sha256"])
                 ctx.tree, ctx.token_ids = self._load_tree(ctx.extra["tree_path"], ctx.extra["tree_sha256"])
         return out
 
@@ -194,6 +225,12 @@ class DocumentService:
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return loaded
+
+    def forget_if_changed(self, path: str, sha256: str) -> None:
+        """Drop cached trees of `path` made from another file version (re-encoded since)."""
+        with self._lock:
+            for key in [k for k in self._cache if k[0] == path and k[1] != sha256]:
+                del self._cache[key]
 
     def forget(self, path: str) -> None:
         with self._lock:

@@ -4,6 +4,7 @@ documents made directly through storage + the model (independent of PDF ingestio
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +77,31 @@ def two_users(ctx):
     alice = ctx.auth.add_user("alice", "alice-password-1")
     bob = ctx.auth.add_user("bob", "bob-password-22")
     return alice, bob
+
+
+def write_pdf(path, pages: list[str]) -> Path:
+    """A real multi-page PDF with a text layer (fpdf2), one string per page."""
+    from fpdf import FPDF
+
+    pdf = FPDF(format="A4")
+    pdf.set_font("Helvetica", size=12)
+    for text in pages:
+        pdf.add_page()
+        pdf.multi_cell(0, 6, text)
+    pdf.output(str(path))
+    return Path(path)
+
+
+CONTRACT_PAGES = [
+    "Service Agreement. This agreement between Acme Ltd and Beta GmbH starts on 1 March 2024 "
+    "and covers the maintenance of the Beta ticketing platform.",
+    "Fees. The annual fee is 12,500 euros, payable in advance each January. Late payments carry "
+    "interest of 4 percent per year.",
+    "Termination. Either party may terminate this agreement with ninety days written notice. "
+    "The governing law is the law of Ireland.",
+]
+
+
+@pytest.fixture
+def contract_pdf(tmp_path) -> Path:
+    return write_pdf(tmp_path / "contract.pdf", CONTRACT_PAGES)
