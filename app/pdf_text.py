@@ -18,6 +18,7 @@ _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
 _HYPHENATION = re.compile(r"(?<=[^\W\d_])-\n(?=[a-z])")
 _MARGIN_LINES = 2  # how many lines at the top and bottom of a page can be a running header/footer
 _NUMBER = re.compile(r"\d+")
+_PAGE_WORDS = re.compile(r"\b(page|pages|pg|p\.|seite|página|pagina|pagina|side|sida|strona)\b|# ?(/|of|von|de|sur) ?#")
 
 
 def clean_whitespace(text: str) -> str:
@@ -71,8 +72,9 @@ def _repeated_keys(pages_lines: list[list[str]], top: bool) -> set[str]:
             # a clause number ("1.") repeated at the top of pages is content, not a header.
             if not _counts_pages(hits):
                 continue
-        elif "#" in key and len({line for _, line in hits}) > 1 and not _counts_pages(hits):
-            # Same words, different numbers that do not follow the pages ("Article 4", "Article 9").
+        elif len({line for _, line in hits}) > 1 and not (_PAGE_WORDS.search(key) and _counts_pages(hits)):
+            # Same words, different numbers: only a running line when it names the page
+            # ("Page 3 of 40"); "Section 3" at the top of page 3 is a heading and stays.
             continue
         keys.add(key)
     return keys
