@@ -82,6 +82,27 @@ def looks_like_licence(text: str) -> bool:
     return _LICENCE_TEXT_RE.search(text) is not None
 
 
+# Unambiguous markers of licence texts (used by tests and checks; the filter above is broader).
+LICENCE_MARKERS = ("permission is hereby granted", "general public license", "lesser general public",
+                   "redistribution and use in source and binary forms", "merchantability",
+                   "licensed under the apache", "spdx-license-identifier", "all rights reserved",
+                   "mozilla public license", "this program is free software")
+
+_EN_STOP = frozenset("the of and to a in is it that for be are as with this on by or not an if from at which "
+                     "can you will use used when all".split())
+
+
+def looks_english(text: str, sample_chars: int = 20000) -> bool:
+    """Cheap language check: enough common English function words, few non-Latin letters."""
+    sample = text[:sample_chars]
+    words = re.findall(r"[^\W\d_]+", sample.lower())
+    if len(words) < 30:
+        return False
+    stop = sum(w in _EN_STOP for w in words)
+    non_ascii = sum(1 for w in words if not w.isascii())
+    return stop >= 0.04 * len(words) and non_ascii <= 0.05 * len(words)
+
+
 def is_pdf_bytes(data: bytes) -> bool:
     return data.lstrip()[:5] == b"%PDF-"
 
@@ -136,12 +157,15 @@ def clean_paragraphs(text: str) -> str:
 
 
 def _denied(name: str, denylist: Sequence[str]) -> bool:
-    parts = re.split(r"[/_.\s:]+", name.lower())
+    """Substring match for denylist terms of 5+ characters (``libnettle8`` matches ``nettle``), prefix
+    match on path components for shorter ones (``vgdb``, ``zlib``)."""
     low = name.lower()
+    parts = re.split(r"[/_.\s:-]+", low)
     for d in denylist:
-        if d in parts or any(p.startswith(d + "-") or p == d for p in parts):
-            return True
-        if "-" in d and d in low:
+        if len(d) >= 5:
+            if d in low:
+                return True
+        elif any(p.startswith(d) for p in parts):
             return True
     return False
 
@@ -499,7 +523,7 @@ class Corpus:
         except OSError:
             log.debug("cannot read %s", entry.path, exc_info=True)
             text = ""
-        if len(text) < self.min_chars:
+        if len(text) < self.min_chars or not looks_english(text):
             text = ""
         self._cache[entry.name] = text
         if len(self._cache) > self._cache_size:
