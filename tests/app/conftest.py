@@ -105,3 +105,24 @@ CONTRACT_PAGES = [
 @pytest.fixture
 def contract_pdf(tmp_path) -> Path:
     return write_pdf(tmp_path / "contract.pdf", CONTRACT_PAGES)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_app(ctx, port: int | None = None):
+    """Start the real Gradio app (login on when accounts exist) on loopback; returns (demo, url)."""
+    from app.ui.app import build_app
+    from app.ui.server import launch_kwargs
+
+    demo = build_app(ctx)
+    demo.queue(default_concurrency_limit=ctx.settings.concurrency_limit, max_size=ctx.settings.queue_max_size)
+    kwargs = launch_kwargs(ctx)
+    kwargs.update(server_name="127.0.0.1", server_port=port or free_port(), prevent_thread_lock=True, quiet=True)
+    _, url, _ = demo.launch(**kwargs)
+    return demo, url.rstrip("/")

@@ -1,0 +1,84 @@
+"""Assemble the pages into one Gradio Blocks app and wire their events."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from app.services.context import AppContext
+from app.ui.api import Api
+from app.ui.pages import AccountBar, ChatPage, LibraryPage, SettingsPage
+
+CSS = """
+.upload-progress { width: 100%; border-collapse: collapse; }
+.upload-progress td, .upload-progress th { padding: 4px 8px; text-align: left; }
+.upload-progress progress { width: 160px; }
+.upload-file.bad .file-status, .upload-file.bad .file-note { color: #b42318; font-weight: 600; }
+.upload-file.ok .file-status { color: #067647; font-weight: 600; }
+#account-bar { align-items: center; }
+"""
+
+# How often (seconds) an open page refreshes its library, so statuses of uploads made elsewhere show.
+LIBRARY_REFRESH_S = 10
+
+
+class DocQAApp:
+    def __init__(self, ctx: AppContext):
+        self.ctx = ctx
+        self.account = AccountBar(ctx)
+        self.settings_page = SettingsPage(ctx)
+        self.library = LibraryPage(ctx)
+        self.chat = ChatPage(ctx)
+        self.api = Api(ctx)
+
+    def build(self) -> gr.Blocks:
+        # delete_cache: Gradio's copies of uploads and exports go after an hour (our copies are private).
+        with gr.Blocks(title="SharedLLM DocQA", delete_cache=(3600, 3600)) as demo:
+            self.account.render()
+            with gr.Tabs():
+                with gr.Tab("Chat", id="chat"):
+                    self.chat.render()
+                with gr.Tab("Library", id="library"):
+                    self.library.render()
+                with gr.Tab("Settings", id="settings"):
+                    self.settings_page.render()
+            self.api.register()  # first: the public endpoint names must not collide with UI handlers
+            self._wire(demo)
+        return demo
+
+    def _wire(self, demo: gr.Blocks) -> None:
+        chat, lib = self.chat, self.library
+        sidebar_out = [chat.conversations, chat.documents]
+        library_out = [lib.table, lib.to_delete]
+        private = {"api_visibility": "private"}
+
+        demo.load(self.account.signed_in, None, self.account.who, **private)
+        demo.load(chat.sidebar, chat.conversation_id, sidebar_out, **private)
+        demo.load(lib.refresh, None, library_out, **private)
+
+        lib.upload.click(lib.ingest_files, lib.files, lib.progress, show_progress="hidden", **private).then(
+            lib.refresh, None, library_out, **private).then(
+            chat.sidebar, chat.conversation_id, sidebar_out, **private).then(
+            lambda: None, None, lib.files, **private)
+        lib.delete.click(lib.delete_selected, lib.to_delete, lib.message, **private).then(
+            lib.refresh, None, library_out, **private).then(
+            chat.sidebar, chat.conversation_id, sidebar_out, **private)
+        lib.refresh_button.click(lib.refresh, None, library_out, **private)
+
+        ask_in = [chat.question, chat.chatbot, chat.conversation_id, chat.documents, *self.settings_page.inputs]
+        ask_out = [chat.chatbot, chat.question, chat.conversation_id, chat.conversations, chat.cited, chat.stats]
+        for trigger in (chat.send.click, chat.question.submit):
+            trigger(chat.ask, ask_in, ask_out, show_progress="minimal", **private)
+
+        chat.conversations.input(chat.open_conversation, chat.conversations,
+                                 [chat.chatbot, chat.documents, chat.conversation_id, chat.cited, chat.stats],
+                                 **private)
+        chat.new_chat.click(chat.new_conversation, None,
+                            [chat.chatbot, chat.conversation_id, chat.conversations, chat.cited, chat.page_text,
+                             chat.stats], **private)
+        chat.cited.change(chat.show_page, chat.cited, chat.page_text, **private)
+        for button, fmt in ((chat.export_md, "md"), (chat.export_json, "json"), (chat.export_pdf, "pdf")):
+            button.click(chat.export_as(fmt), chat.conversation_id, chat.export_file, **private)
+
+
+def build_app(ctx: AppContext) -> gr.Blocks:
+    return DocQAApp(ctx).build()
