@@ -39,7 +39,8 @@ class ModelConfig:
     # None for plain RoPE, else {"rope_type": "linear"|"llama3", "factor": ..., ...}
     rope_scaling: dict[str, Any] | None = None
     norm_eps: float = 1e-5
-    attn_bias: bool = False  # q/k/v biases (Qwen2)
+    attn_bias: bool = False  # q/k/v biases (Qwen2; Llama with attention_bias)
+    attn_out_bias: bool = False  # o_proj bias (Llama with attention_bias; never Qwen2)
     tie_embeddings: bool = False
     max_position: int = 4096
     model_type: str = "llama"
@@ -87,7 +88,8 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_scaling=scaling,
             norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-            attn_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            attn_bias=bool(hf.get("attention_bias", False)) or model_type == "qwen2",
+            attn_out_bias=bool(hf.get("attention_bias", False)) and model_type != "qwen2",
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_position=int(hf.get("max_position_embeddings", 4096)),
             model_type=model_type,

@@ -28,7 +28,7 @@ class CrossAttention(nn.Module):
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.q_proj = nn.Linear(config.dim, config.n_head * config.head_dim, bias=config.attn_bias)
-        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.dim, bias=config.attn_out_bias)
 
     @torch.no_grad()
     def initialise(self, layer: Block, mode: str) -> None:
@@ -40,8 +40,12 @@ class CrossAttention(nn.Module):
         self.norm.weight.copy_(layer.post_attention_layernorm.weight)
         if mode == "copy":
             self.o_proj.weight.copy_(layer.self_attn.o_proj.weight)
+            if self.o_proj.bias is not None:
+                self.o_proj.bias.copy_(layer.self_attn.o_proj.bias)
         elif mode == "zero":
             self.o_proj.weight.zero_()
+            if self.o_proj.bias is not None:
+                self.o_proj.bias.zero_()
         else:
             raise ValueError(f"unknown init mode {mode!r}")
 

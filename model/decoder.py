@@ -63,7 +63,7 @@ class SelfAttention(nn.Module):
         self.q_proj = nn.Linear(config.dim, config.n_head * config.head_dim, bias=config.attn_bias)
         self.k_proj = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=config.attn_bias)
         self.v_proj = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=config.attn_bias)
-        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.dim, bias=config.attn_out_bias)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (B, nh, T, hd), k and v (B, nkv, T, hd), before RoPE."""

@@ -63,13 +63,18 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float,
 def prefill(model, prompt_ids: torch.Tensor, memory: Memory | None) -> torch.Tensor:
     """prompt_ids (1, T) -> logits of the last position (V,), filling the KV cache."""
     input_pos = torch.arange(prompt_ids.shape[1], device=prompt_ids.device)
-    return model(prompt_ids, input_pos, memory=memory)[0, -1]
+    return _forward(model, prompt_ids, input_pos, memory)[0, -1]
 
 
 @torch.no_grad()
 def decode_one_token(model, token: int, position: int, memory: Memory | None, device) -> torch.Tensor:
     ids = torch.tensor([[token]], device=device)
-    return model(ids, torch.tensor([position], device=device), memory=memory)[0, -1]
+    return _forward(model, ids, torch.tensor([position], device=device), memory)[0, -1]
+
+
+def _forward(model, ids: torch.Tensor, input_pos: torch.Tensor, memory: Memory | None) -> torch.Tensor:
+    """A bare `Transformer` has no memory argument; SharedLLM takes one."""
+    return model(ids, input_pos) if memory is None else model(ids, input_pos, memory=memory)
 
 
 def generate_tokens(model, prompt_ids: Sequence[int], memory: Memory | None, settings: GenerationSettings,

@@ -68,10 +68,16 @@ class Tokens:
     def cut(self, text: str, n_tokens: int, snap: bool = True) -> str:
         """The prefix of ``text`` covering its first ``n_tokens`` tokens (snapped back to a paragraph,
         line or sentence end when one is near)."""
-        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        head = text[: n_tokens * 12 + 64]  # tokens are rarely longer than 12 characters
+        enc = self.tok(head, add_special_tokens=False, return_offsets_mapping=True)
         offs = enc["offset_mapping"]
         if len(offs) <= n_tokens:
-            return text
+            if len(head) == len(text):
+                return text
+            enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            offs = enc["offset_mapping"]
+            if len(offs) <= n_tokens:
+                return text
         end = offs[max(0, n_tokens - 1)][1]
         out = text[:end]
         if snap:
@@ -142,22 +148,51 @@ def sentences(text: str) -> list[tuple[int, str]]:
     return [(i, s) for i, s in out if text.count(s) == 1]
 
 
-_STOP = set("""about above after again against because before being below between could doesn during either
-every further having itself might other others should their there these those through under until which while
-would where whether within without value values default defaults option options function functions return
-returns string object objects number numbers command commands example examples argument arguments specified
-following program instead always""".split())
+_STOP = frozenset("""a about above after again against all also an and any are as at be because been before
+being below between both but by can could did do does doing done down during each either else every few for
+from further had has have having here how however if in into is it its itself just may might more most must
+no nor not now of off on once only or other our out over own same see set should since so some such than that
+the their them then there these they this those through thus to too under until up upon use used uses using
+very via was we were what when where whether which while who whom why will with within without would you your
+value values default option options function functions return returns returned string object objects number
+command commands example examples argument arguments specified following program instead always given first
+new one two three file files name names type types list data time way make makes made like well need needs
+also""".split())
+
+_IDENT_RE = re.compile(r"--?[A-Za-z][\w-]{2,}|\b[A-Za-z_]\w*_\w+\b|\b[a-z]+[A-Z]\w*\b|\b[A-Z][a-z]+[A-Z]\w*\b"
+                       r"|\b\w+\(\)|\b[A-Z]{3,}\w*\b|\b[A-Za-z]+\d\w*\b")
+_WORD_RE = re.compile(r"[A-Za-z][A-Za-z'-]*[A-Za-z]|[A-Za-z]")
+
+
+def _occurs_once(term: str, text: str) -> bool:
+    if text.count(term) != 1:
+        return False
+    pat = (r"(?<![\w-])" if term[0].isalnum() or term[0] == "_" else "") + re.escape(term) + \
+        (r"(?![\w-])" if term[-1].isalnum() or term[-1] == "_" else "")
+    return len(re.findall(pat, text, flags=re.IGNORECASE)) == 1
 
 
 def key_term(rng: Random, sentence: str, text: str) -> str | None:
-    """A distinctive word or option of ``sentence`` that occurs only once in ``text``."""
-    words = re.findall(r"--?[A-Za-z][\w-]{2,}|[A-Za-z][A-Za-z_]{5,}", sentence)
-    cands = [w for w in dict.fromkeys(words) if w.lower() not in _STOP and text.count(w) == 1
-             and len(re.findall(r"(?i)\b" + re.escape(w) + r"\b", text)) == 1]
-    if not cands:
+    """A distinctive term of ``sentence`` that occurs exactly once in ``text``: an identifier-like
+    token (option, snake_case, CamelCase, call, ALLCAPS) if there is one, else a two- or three-word
+    phrase that neither starts nor ends with a function word."""
+    idents = [w for w in dict.fromkeys(m.group(0) for m in _IDENT_RE.finditer(sentence))
+              if len(w) >= 4 and _occurs_once(w, text)]
+    if idents:
+        return rng.choice(idents)
+    words = [m.group(0) for m in _WORD_RE.finditer(sentence)]
+    phrases = []
+    for n in (2, 3):
+        for i in range(len(words) - n + 1):
+            ws = words[i:i + n]
+            if ws[0].lower() in _STOP or ws[-1].lower() in _STOP or max(len(w) for w in ws) < 6:
+                continue
+            phrase = " ".join(ws)
+            if phrase in sentence and _occurs_once(phrase, text):
+                phrases.append(phrase)
+    if not phrases:
         return None
-    cands.sort(key=lambda w: (-len(w), w))
-    return rng.choice(cands[:3])
+    return rng.choice(phrases)
 
 
 def _user(q: str) -> list[dict]:

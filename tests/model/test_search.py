@@ -1,0 +1,96 @@
+"""Query-aware search on constructed vectors, memory size/order, multi-document and top-k."""
+
+from __future__ import annotations
+
+import torch
+
+from model.memory import build_memory
+from model.search import cosine, preselect_chunks, select_nodes
+
+from model.testing import make_shared, random_ids
+
+
+def _tree(shared, n_tokens, seed=0):
+    return shared.encode_tree(random_ids(n_tokens, seed=seed))
+
+
+def test_selected_child_is_the_more_similar_one_at_every_level(tiny_shared):
+    tree = _tree(tiny_shared, 64 * 5)
+    gen = torch.Generator().manual_seed(1)
+    for lv in tree.levels:
+        lv.vectors = torch.randn(lv.vectors.shape, generator=gen)
+    query = torch.randn(64, generator=gen)
+    preserved = select_nodes(tree, query)
+    for c in range(tree.n_chunks):
+        current = 0
+        for level in (1, 2):
+            left, right = 2 * current, 2 * current + 1
+            sims = cosine(query, tree.levels[level - 1].vectors[c])
+            chosen = right if sims[right] > sims[left] else left
+            other = left if chosen == right else right
+            assert preserved[level - 1][c].tolist() == [other]
+            current = chosen
+        assert preserved[2][c].tolist() == [2 * current, 2 * current + 1]
+
+
+def test_language_modelling_policy_always_selects_the_right_child(tiny_shared):
+    tree = _tree(tiny_shared, 64 * 2)
+    preserved = select_nodes(tree, None)
+    assert preserved[0][:, 0].tolist() == [0, 0]  # right selected at level 1 -> left preserved
+    assert preserved[1][:, 0].tolist() == [2, 2]  # node 1's children are 2, 3: right (3) selected
+    assert preserved[2].tolist() == [[6, 7], [6, 7]]
+
+
+def test_memory_holds_L_over_8_positions_per_full_chunk_in_chunk_order(tiny_shared):
+    tree = _tree(tiny_shared, 64 * 6)
+    query = torch.randn(64)
+    memory = tiny_shared.build_memory([tree], query)
+    assert memory.n_positions == 6 * 64 // 8 and memory.mask is None and memory.n_chunks == 6
+    assert memory.chunk_index.tolist() == sorted(memory.chunk_index.tolist())
+    starts = memory.spans[:, 0]
+    assert torch.all(starts[1:] >= starts[:-1])  # document order within and across chunks
+    assert memory.keys.shape == (2, 1, 2, 6 * 8, 16)
+
+
+def test_several_documents_concatenate_in_a_stable_order(tiny_shared):
+    a, b = _tree(tiny_shared, 64 * 2, seed=1), _tree(tiny_shared, 64 * 3 + 10, seed=2)
+    query = torch.randn(64)
+    memory = tiny_shared.build_memory([a, b], query)
+    assert memory.doc_index.tolist() == [0] * 16 + [1] * (memory.n_positions - 16)
+    assert memory.n_chunks == 6 and memory.mask is not None  # b's short last chunk has empty slots
+    again = tiny_shared.build_memory([a, b], query)
+    assert torch.equal(memory.keys, again.keys)
+
+
+def test_keys_are_rotated_by_chunk_position_only(tiny_shared):
+    """Two identical chunks give the same stored keys; after gathering, chunk 1's keys are chunk 0's
+    rotated by exactly one position."""
+    ids = random_ids(64)
+    tree = tiny_shared.encode_tree(torch.cat([ids, ids]))
+    memory = tiny_shared.build_memory([tree], None)
+    from model.rope import apply_rope, rope_angles
+
+    k0, k1 = memory.keys[:, :, :, :8], memory.keys[:, :, :, 8:16]
+    cos, sin = rope_angles(tiny_shared.base.inv_freq, torch.tensor([1]), k0.dtype)
+    torch.testing.assert_close(apply_rope(k0, cos, sin), k1, rtol=1e-4, atol=1e-5)
+
+
+def test_topk_preselection_keeps_document_and_chunk_order(tiny_shared):
+    a, b = _tree(tiny_shared, 64 * 4, seed=3), _tree(tiny_shared, 64 * 4, seed=4)
+    query = torch.randn(64)
+    kept = preselect_chunks([a, b], query, top_k=3)
+    assert sum(len(k) for k in kept) == 3
+    assert all(k.tolist() == sorted(k.tolist()) for k in kept)
+    scores = torch.cat([cosine(query, t.levels[0].vectors).max(1).values for t in (a, b)])
+    best = set(scores.topk(3).indices.tolist())
+    assert {int(c) for c in kept[0]} | {4 + int(c) for c in kept[1]} == best
+    memory = tiny_shared.build_memory([a, b], query, top_k_chunks=3)
+    assert memory.n_chunks == 3 and memory.n_positions == 3 * 8
+
+
+def test_build_memory_casts_to_compute_dtype(tiny_base):
+    shared = make_shared(tiny_base, tree_dtype="bfloat16")
+    tree = shared.encode_tree(random_ids(128))
+    assert tree.levels[0].keys.dtype == torch.bfloat16
+    memory = build_memory([tree], None, shared.config, tiny_base.inv_freq, torch.device("cpu"), torch.float32)
+    assert memory.keys.dtype == torch.float32
