@@ -159,7 +159,7 @@ command commands example examples argument arguments specified following program
 new one two three file files name names type types list data time way make makes made like well need needs
 also""".split())
 
-_IDENT_RE = re.compile(r"--?[A-Za-z][\w-]{2,}|\b[A-Za-z_]\w*_\w+\b|\b[a-z]+[A-Z]\w*\b|\b[A-Z][a-z]+[A-Z]\w*\b"
+_IDENT_RE = re.compile(r"(?<![\w-])--?[A-Za-z][\w-]{2,}|\b[A-Za-z_]\w*_\w+\b|\b[a-z]+[A-Z]\w*\b|\b[A-Z][a-z]+[A-Z]\w*\b"
                        r"|\b\w+\(\)|\b[A-Z]{3,}\w*\b|\b[A-Za-z]+\d\w*\b")
 _WORD_RE = re.compile(r"[A-Za-z][A-Za-z'-]*[A-Za-z]|[A-Za-z]")
 
