@@ -21,8 +21,21 @@ def _emit(obj: dict) -> None:
     sys.stdout.flush()
 
 
+def _peak_rss_kb() -> int:
+    """Peak resident memory of this process image. ru_maxrss would also count the parent's peak
+    from before exec (Linux keeps it across fork+exec), so prefer VmHWM, which is per image."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _result(status: str, reason: str | None = None, pages: list[str] | None = None, n_pages: int = 0) -> dict:
-    maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    maxrss_kb = _peak_rss_kb()
     return {"status": status, "reason": reason, "pages": pages or [], "n_pages": n_pages, "maxrss_kb": maxrss_kb}
 
 
