@@ -10,6 +10,7 @@ amounts), so a reader must find the right clause rather than the first number.
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from dataclasses import dataclass, field
 from random import Random
 
@@ -180,6 +181,11 @@ def _address(rng: Random, cities: list[str]) -> str:
 def generate_contract(rng: Random, kind: str | None = None, n_extra: int = 0) -> Contract:
     """A complete agreement. ``n_extra`` adds that many optional boilerplate clauses (for length)."""
     kind = kind or rng.choice(sorted(_KINDS))
+    words_style = rng.random() < 0.75  # "ninety (90) days" vs "90 days"
+
+    def nw(n: int) -> str:
+        return num_words(n) if words_style else str(n)
+
     titles, role_a, role_b, subject = _KINDS[kind]
     title = rng.choice(titles)
     law, courts, suffixes, cur, cities = rng.choice(_JUR)
@@ -217,10 +223,16 @@ def generate_contract(rng: Random, kind: str | None = None, n_extra: int = 0) ->
         else:
             head.append(f"({i}) {p.name}, {reg} {jur_name} with company number {p.number}, whose registered office "
                         f"is at {p.address} (the \"{p.role}\"){';' if i == 1 else '.'}")
-    head += ["", "(each a \"Party\" and together the \"Parties\").", "", "RECITALS", ""]
+    us_style = rng.random() < 0.4  # WHEREAS recitals, "Section" references, currency symbols
+    head += ["", "(each a \"Party\" and together the \"Parties\").", ""]
+    head += ["RECITALS", ""] if not us_style else []
     recitals = [f"(A) The {pa.role} carries on business in the field of {rng.choice(['logistics', 'software development', 'industrial manufacturing', 'property management', 'financial services', 'data analytics', 'food processing', 'medical devices'])}.",
                 f"(B) The Parties wish to record the terms on which they have agreed to {subject.replace('the ', '', 1) if rng.random() < 0.3 else 'enter into ' + subject}.",
                 "(C) The Parties have therefore agreed as follows."]
+    if us_style:
+        recitals = ["WHEREAS, " + r[4].lower() + r[5:].rstrip(".") + ";" for r in recitals[:2]] + [
+            "NOW, THEREFORE, in consideration of the mutual covenants and agreements set forth herein, and for other good "
+            "and valuable consideration, the receipt and sufficiency of which are hereby acknowledged, the Parties agree as follows:"]
     head += recitals + [""]
     F.append(Fact("effective_date", rng.choice(["What is the effective date of the agreement?",
                                                 "On what date was the agreement made?",
@@ -259,12 +271,12 @@ def generate_contract(rng: Random, kind: str | None = None, n_extra: int = 0) ->
                                _money(rng, cur, 5, 9_000, step=5)))
         lead = rng.choice([7, 10, 14, 21, 28, 30, 45])
         b.add("delivery", "DELIVERY",
-              [f"The {pa.role if kind == 'supply' else 'Company'} shall deliver the Goods to the delivery location set out in each order within {num_words(lead)} Business Days of accepting that order.",
+              [f"The {pa.role if kind == 'supply' else 'Company'} shall deliver the Goods to the delivery location set out in each order within {nw(lead)} Business Days of accepting that order.",
                "Delivery is completed on the completion of unloading of the Goods at the delivery location.",
                "Title and risk in the Goods shall pass on completion of delivery."])
         n = b.number_of("delivery")
         F.append(Fact("lead_time", "Within how many Business Days must goods be delivered after an order is accepted?",
-                      f"{num_words(lead)} Business Days (Clause {n}.1)", num_words(lead) + " Business Days"))
+                      f"{nw(lead)} Business Days (Clause {n}.1)", nw(lead) + " Business Days"))
         if kind == "distribution":
             terr = rng.choice(["the Benelux countries", "Scandinavia", "the Iberian Peninsula", "the United Kingdom and Ireland", "the DACH region", "Australia and New Zealand"])
             b.add("territory", "APPOINTMENT AND TERRITORY",
@@ -279,11 +291,11 @@ def generate_contract(rng: Random, kind: str | None = None, n_extra: int = 0) ->
         b.add("premises", "PREMISES AND RENT",
               [f"The Landlord lets to the Tenant {prem} (the \"Premises\") for use as offices.",
                f"The Tenant shall pay a rent of {rent} per month, payable in advance on the first day of each month.",
-               f"On the Effective Date the Tenant shall pay a deposit equal to {num_words(dep_m)} months' rent."])
+               f"On the Effective Date the Tenant shall pay a deposit equal to {nw(dep_m)} months' rent."])
         n = b.number_of("premises")
         F.append(Fact("rent", "What is the monthly rent?", f"{rent} per month (Clause {n}.2)", rent))
         F.append(Fact("premises", "Which premises are let under the agreement?", prem, prem))
-        F.append(Fact("deposit", "How large is the deposit?", f"{num_words(dep_m)} months' rent", f"{num_words(dep_m)} months' rent"))
+        F.append(Fact("deposit", "How large is the deposit?", f"{nw(dep_m)} months' rent", f"{nw(dep_m)} months' rent"))
     elif kind == "employment":
         salary = _money(rng, cur, 32_000, 240_000, step=500, cents=False)
         prob = rng.choice([3, 6])
@@ -292,13 +304,13 @@ def generate_contract(rng: Random, kind: str | None = None, n_extra: int = 0) ->
         b.add("position", "POSITION AND DUTIES",
               [f"The Employee shall be employed as {role} and shall report to the {rng.choice(['Chief Executive Officer', 'Chief Operating Officer', 'Head of Department'])}.",
                f"The Employee's normal working hours shall be {hours} hours per week.",
-               f"The first {num_words(prob)} months of employment shall be a probationary period."])
+               f"The first {nw(prob)} months of employment shall be a probationary period."])
         b.add("salary", "SALARY",
               [f"The Employee shall be paid a gross annual salary of {salary}, payable in twelve equal monthly instalments in arrears.",
                "The salary shall be reviewed annually. There is no obligation to increase the salary following a review."])
         F.append(Fact("salary", "What is the employee's annual salary?", f"a gross annual salary of {salary}", salary))
         F.append(Fact("job_title", "What position is the employee hired for?", role, role))
-        F.append(Fact("probation", "How long is the probationary period?", f"{num_words(prob)} months", f"first {num_words(prob)} months"))
+        F.append(Fact("probation", "How long is the probationary period?", f"{nw(prob)} months", f"first {nw(prob)} months"))
         hol = rng.choice([20, 25, 28, 30])
         b.add("holidays", "HOLIDAYS", [f"The Employee shall be entitled to {hol} working days' paid holiday in each holiday year, in addition to public holidays."])
         F.append(Fact("holiday", "How many days of paid holiday does the employee get?", f"{hol} working days per holiday year", f"{hol} working days' paid holiday"))
@@ -312,7 +324,7 @@ def generate_contract(rng: Random, kind: str | None = None, n_extra: int = 0) ->
         b.add("interest", "INTEREST AND REPAYMENT",
               [f"Interest shall accrue on the outstanding Loan at the rate of {rate}, calculated on the basis of a 365-day year.",
                f"The Borrower shall repay the Loan in full on {fmt_date(rep, date_style)} (the \"Final Repayment Date\").",
-               f"The Borrower may prepay the whole or any part of the Loan on giving not less than {num_words(rng.choice([5, 10, 15, 30]))} Business Days' prior notice."])
+               f"The Borrower may prepay the whole or any part of the Loan on giving not less than {nw(rng.choice([5, 10, 15, 30]))} Business Days' prior notice."])
         F.append(Fact("principal", "What is the amount of the loan?", principal, principal))
         F.append(Fact("interest_rate", "What interest rate applies to the loan?", rate, rate))
         F.append(Fact("repayment_date", "When must the loan be repaid?", fmt_date(rep, date_style), fmt_date(rep, date_style)))
@@ -335,11 +347,11 @@ def generate_contract(rng: Random, kind: str | None = None, n_extra: int = 0) ->
     if kind not in ("nda", "employment", "loan"):
         b.add("payment", "INVOICING AND PAYMENT",
               [f"The {pa.role} shall invoice the {pb.role} {rng.choice(['monthly in arrears', 'quarterly in advance', 'on completion of each milestone'])}.",
-               f"The {pb.role} shall pay each valid invoice within {num_words(pay_days)} days of the date of the invoice.",
+               f"The {pb.role} shall pay each valid invoice within {nw(pay_days)} days of the date of the invoice.",
                f"If the {pb.role} fails to make any payment due by the due date, interest shall accrue on the overdue amount at the rate of {late} from the due date until payment."])
         n = b.number_of("payment")
         F.append(Fact("payment_days", rng.choice(["Within how many days must invoices be paid?", "What are the payment terms for invoices?"]),
-                      f"Within {num_words(pay_days)} days of the date of the invoice (Clause {n}.2).", f"within {num_words(pay_days)} days of the date of the invoice"))
+                      f"Within {nw(pay_days)} days of the date of the invoice (Clause {n}.2).", f"within {nw(pay_days)} days of the date of the invoice"))
         F.append(Fact("late_interest", "What interest applies to late payments?", late, late))
 
     # ---- term and termination -------------------------------------------------------------------------
@@ -347,22 +359,22 @@ def generate_contract(rng: Random, kind: str | None = None, n_extra: int = 0) ->
     notice = rng.choice([30, 60, 90, 120, 180])
     breach_days = rng.choice([14, 21, 30, 45])
     renew = rng.random() < 0.6
-    term_subs = [f"This Agreement shall commence on the Effective Date and shall continue for an initial period of {num_words(term_m)} months (the \"Initial Term\")"
+    term_subs = [f"This Agreement shall commence on the Effective Date and shall continue for an initial period of {nw(term_m)} months (the \"Initial Term\")"
                  + (", after which it shall automatically renew for successive periods of twelve (12) months (each a \"Renewal Period\")." if renew else ".")]
     b.add("term", "TERM" if rng.random() < 0.5 else "COMMENCEMENT AND DURATION", term_subs)
     term_n = b.number_of("term")
-    F.append(Fact("initial_term", "How long is the initial term of the agreement?", f"{num_words(term_m)} months", f"initial period of {num_words(term_m)} months"))
+    F.append(Fact("initial_term", "How long is the initial term of the agreement?", f"{nw(term_m)} months", f"initial period of {nw(term_m)} months"))
     b.add("termination", "TERMINATION",
-          [f"Either Party may terminate this Agreement for convenience by giving the other Party not less than {num_words(notice)} days' written notice.",
-           f"Either Party may terminate this Agreement with immediate effect by giving written notice if the other Party commits a material breach which is not remedied within {num_words(breach_days)} days of being notified of the breach.",
+          [f"Either Party may terminate this Agreement for convenience by giving the other Party not less than {nw(notice)} days' written notice.",
+           f"Either Party may terminate this Agreement with immediate effect by giving written notice if the other Party commits a material breach which is not remedied within {nw(breach_days)} days of being notified of the breach.",
            "Either Party may terminate this Agreement with immediate effect if the other Party becomes insolvent, makes an arrangement with its creditors or ceases to carry on business.",
            "Termination shall not affect any rights, remedies, obligations or liabilities of the Parties that have accrued up to the date of termination."])
     n = b.number_of("termination")
     F.append(Fact("notice_period", rng.choice(["How much notice is required to terminate the agreement for convenience?",
                                                "What is the notice period for termination for convenience?"]),
-                  f"{num_words(notice)} days' written notice (Clause {n}.1).", f"{num_words(notice)} days' written notice"))
-    F.append(Fact("cure_period", "How long does a party have to remedy a material breach?", f"{num_words(breach_days)} days of being notified of the breach",
-                  f"within {num_words(breach_days)} days of being notified"))
+                  f"{nw(notice)} days' written notice (Clause {n}.1).", f"{nw(notice)} days' written notice"))
+    F.append(Fact("cure_period", "How long does a party have to remedy a material breach?", f"{nw(breach_days)} days of being notified of the breach",
+                  f"within {nw(breach_days)} days of being notified"))
 
     # ---- optional boilerplate -------------------------------------------------------------------------
     conf_years = rng.choice([2, 3, 5, 7, 10])
@@ -374,36 +386,36 @@ def generate_contract(rng: Random, kind: str | None = None, n_extra: int = 0) ->
         "confidentiality": ("CONFIDENTIALITY", [
             "Each Party undertakes that it shall not disclose to any person any Confidential Information of the other Party, except as permitted by this Clause.",
             "Each Party may disclose the other Party's Confidential Information to its employees, officers, representatives and advisers who need to know such information for the purposes of this Agreement.",
-            f"The obligations in this Clause shall survive termination of this Agreement for a period of {num_words(conf_years)} years."],
-            [Fact("confidentiality_survival", "For how long do the confidentiality obligations survive termination?", f"{num_words(conf_years)} years", f"period of {num_words(conf_years)} years")]),
+            f"The obligations in this Clause shall survive termination of this Agreement for a period of {nw(conf_years)} years."],
+            [Fact("confidentiality_survival", "For how long do the confidentiality obligations survive termination?", f"{nw(conf_years)} years", f"period of {nw(conf_years)} years")]),
         "liability": ("LIMITATION OF LIABILITY", [
             "Nothing in this Agreement limits any liability which cannot legally be limited, including liability for death or personal injury caused by negligence and for fraud.",
             f"Subject to the preceding sub-clause, each Party's total aggregate liability arising under or in connection with this Agreement shall not exceed {cap}.",
             "Neither Party shall be liable for any loss of profits, loss of business or any indirect or consequential loss."],
             [Fact("liability_cap", rng.choice(["What is the cap on each party's liability?", "What is the maximum aggregate liability under the agreement?"]), cap, cap)]),
         "insurance": ("INSURANCE", [
-            f"During the term of this Agreement and for a period of {num_words(rng.choice([1, 2, 3]))} years thereafter, the {pa.role} shall maintain in force professional indemnity insurance with a limit of not less than {insur} per claim.",
+            f"During the term of this Agreement and for a period of {nw(rng.choice([1, 2, 3]))} years thereafter, the {pa.role} shall maintain in force professional indemnity insurance with a limit of not less than {insur} per claim.",
             f"The {pa.role} shall, on request, supply a copy of the insurance certificate to the {pb.role}."],
             [Fact("insurance", "What insurance limit must be maintained?", f"{insur} per claim", insur)]),
         "force_majeure": ("FORCE MAJEURE", [
             "Neither Party shall be in breach of this Agreement nor liable for delay in performing its obligations if such delay results from events, circumstances or causes beyond its reasonable control.",
-            f"If the period of delay or non-performance continues for {num_words(fm_days)} days, the Party not affected may terminate this Agreement by giving {num_words(rng.choice([7, 14, 30]))} days' written notice to the affected Party."],
-            [Fact("force_majeure_days", "After how many days of a force majeure delay may the other party terminate?", f"{num_words(fm_days)} days", f"continues for {num_words(fm_days)} days")]),
+            f"If the period of delay or non-performance continues for {nw(fm_days)} days, the Party not affected may terminate this Agreement by giving {nw(rng.choice([7, 14, 30]))} days' written notice to the affected Party."],
+            [Fact("force_majeure_days", "After how many days of a force majeure delay may the other party terminate?", f"{nw(fm_days)} days", f"continues for {nw(fm_days)} days")]),
         "ip": ("INTELLECTUAL PROPERTY", [
             f"All Intellectual Property Rights in any materials created by the {pa.role} in the course of performing this Agreement shall vest in the {rng.choice([pa.role, pb.role])}.",
             "Each Party retains all Intellectual Property Rights that it owned before the Effective Date."], []),
         "data_protection": ("DATA PROTECTION", [
             "Both Parties shall comply with all applicable requirements of data protection legislation.",
-            f"The {pa.role} shall notify the {pb.role} without undue delay, and in any event within {num_words(rng.choice([24, 48]))} hours, on becoming aware of a personal data breach."], []),
+            f"The {pa.role} shall notify the {pb.role} without undue delay, and in any event within {nw(rng.choice([24, 48]))} hours, on becoming aware of a personal data breach."], []),
         "non_solicit": ("NON-SOLICITATION", [
-            f"Neither Party shall, during the term of this Agreement and for {num_words(rng.choice([6, 12, 18, 24]))} months after its termination, solicit or entice away any employee of the other Party who has been engaged in the performance of this Agreement."], []),
+            f"Neither Party shall, during the term of this Agreement and for {nw(rng.choice([6, 12, 18, 24]))} months after its termination, solicit or entice away any employee of the other Party who has been engaged in the performance of this Agreement."], []),
         "audit": ("RECORDS AND AUDIT", [
-            f"The {pa.role} shall keep complete and accurate records relating to this Agreement for at least {num_words(rng.choice([3, 5, 6, 7]))} years.",
-            f"The {pb.role} may, on not less than {num_words(rng.choice([10, 15, 20, 30]))} Business Days' notice, audit those records once in any calendar year."], []),
+            f"The {pa.role} shall keep complete and accurate records relating to this Agreement for at least {nw(rng.choice([3, 5, 6, 7]))} years.",
+            f"The {pb.role} may, on not less than {nw(rng.choice([10, 15, 20, 30]))} Business Days' notice, audit those records once in any calendar year."], []),
         "assignment": ("ASSIGNMENT AND SUBCONTRACTING", [
             "Neither Party shall assign, transfer, mortgage, charge or subcontract any of its rights or obligations under this Agreement without the prior written consent of the other Party, such consent not to be unreasonably withheld."], []),
         "dispute": ("DISPUTE RESOLUTION", [
-            f"If any dispute arises in connection with this Agreement, senior representatives of the Parties shall, within {num_words(rng.choice([10, 14, 20, 30]))} days of a written request from either Party, meet in good faith to resolve the dispute.",
+            f"If any dispute arises in connection with this Agreement, senior representatives of the Parties shall, within {nw(rng.choice([10, 14, 20, 30]))} days of a written request from either Party, meet in good faith to resolve the dispute.",
             "If the dispute is not resolved at that meeting, the Parties shall attempt to settle it by mediation before commencing proceedings."], []),
         "anti_bribery": ("ANTI-BRIBERY", [
             "Each Party shall comply with all applicable laws, statutes and regulations relating to anti-bribery and anti-corruption.",
@@ -443,10 +455,11 @@ def generate_contract(rng: Random, kind: str | None = None, n_extra: int = 0) ->
     F.append(Fact("jurisdiction", "Which courts have jurisdiction over disputes?", courts, courts))
 
     # ---- render ---------------------------------------------------------------------------------------
-    numbering = rng.randrange(3)
+    numbering = rng.randrange(4) if us_style else rng.randrange(3)
     lines = list(head)
     for i, (key, heading, subs) in enumerate(b.clauses, 1):
-        hdr = {0: f"{i}. {heading}", 1: f"{i}. {heading.title()}", 2: f"Clause {i} - {heading.title()}"}[numbering]
+        hdr = {0: f"{i}. {heading}", 1: f"{i}. {heading.title()}", 2: f"Clause {i} - {heading.title()}",
+               3: f"ARTICLE {i} - {heading}"}[numbering]
         lines.append(hdr)
         lines.append("")
         for j, s in enumerate(subs, 1):
@@ -488,4 +501,16 @@ def generate_contract(rng: Random, kind: str | None = None, n_extra: int = 0) ->
                       f"Name: {pa.signatory}\nTitle: {pa.title}"))
     text = "\n".join(lines).strip() + "\n"
     absent_topics = [topics[k] for k in absent]
+    if us_style:  # the same rewrite on text and facts keeps every evidence string a substring
+        text = _us_rewrite(text)
+        F = [Fact(f.key, _us_rewrite(f.question), _us_rewrite(f.answer), _us_rewrite(f.evidence)) for f in F]
     return Contract(kind, title, text, F, absent_topics, parties)
+
+
+def _us_rewrite(s: str) -> str:
+    s = re.sub(r"\bClause\b", "Section", s)
+    s = re.sub(r"\bclause\b", "section", s)
+    s = re.sub(r"\bUSD (?=\d)", "$", s)
+    s = re.sub(r"\bEUR (?=\d)", "\u20ac", s)
+    s = re.sub(r"\bGBP (?=\d)", "\u00a3", s)
+    return s

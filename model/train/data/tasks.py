@@ -161,7 +161,7 @@ also""".split())
 
 _IDENT_RE = re.compile(r"(?<![\w-])--?[A-Za-z][\w-]{2,}|\b[A-Za-z_]\w*_\w+\b|\b[a-z]+[A-Z]\w*\b|\b[A-Z][a-z]+[A-Z]\w*\b"
                        r"|\b\w+\(\)|\b[A-Z]{3,}\w*\b|\b[A-Za-z]+\d\w*\b")
-_WORD_RE = re.compile(r"[A-Za-z][A-Za-z'-]*[A-Za-z]|[A-Za-z]")
+_WORD_RE = re.compile(r"[A-Za-z][A-Za-z'\u2019-]*[A-Za-z]|[A-Za-z]")
 
 
 def _occurs_once(term: str, text: str) -> bool:
@@ -462,12 +462,21 @@ def task_chat(rng: Random, corpus: Corpus, tk: Tokens, ctx_tokens: int, weights=
             return None
         ctx, source = got
         seen = set()
+        sents = sentences(ctx)
         for _ in range(rng.randint(2, 4)):
             qa = _extractive_qa(rng, ctx)
             if qa is None or qa[1] in seen:
                 continue
             seen.add(qa[1])
             turns.append((qa[0], qa[1], qa[1]))
+            if rng.random() < 0.3:  # follow-up that needs the position of the previous answer
+                end = ctx.find(qa[1]) + len(qa[1])
+                nxt = [t for o, t in sents if end < o <= end + 2]
+                if nxt and nxt[0] not in seen:
+                    seen.add(nxt[0])
+                    turns.append((rng.choice(["What is the next sentence after that one?",
+                                              "And the sentence right after it?",
+                                              "Quote the sentence that follows it."]), nxt[0], nxt[0]))
         c = None
     if len(turns) < 2:
         return None
