@@ -54,6 +54,10 @@ def test_determinism(tok, corpus):
             assert np.array_equal(x[k], y[k])
     c = _items(tok, corpus, 10, seed=8)
     assert any(not np.array_equal(x["context_ids"], z["context_ids"]) for x, z in zip(a, c))
+    # nor on the number of worker processes
+    e = _items(tok, corpus, 6, seed=7, workers=2)
+    for x, y in zip(a[:6], e):
+        assert np.array_equal(x["context_ids"], y["context_ids"]) and np.array_equal(x["prompt_ids"], y["prompt_ids"])
     # item i does not depend on where generation starts
     d = _items(tok, corpus, 3, seed=7, start=5)
     for x, y in zip(a[5:8], d):
@@ -76,7 +80,7 @@ def test_lengths_and_formats(tok, corpus):
 def test_answer_spans_occur_in_context(tok, corpus):
     items = _items(tok, corpus, 40, seed=11, min_ctx=1024, max_ctx=3072, task_weights=NON_LM)
     tasks = {it["task"] for it in items}
-    assert {"contract", "passkey", "needle", "kv", "extractive"} <= tasks | {"quote", "chat"} or len(tasks) >= 4
+    assert len(tasks) >= 5 and "contract" in tasks
     checked = 0
     for it in items:
         ctx = tok.decode(it["context_ids"])
