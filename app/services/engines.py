@@ -52,12 +52,27 @@ def citation(doc: DocumentContext, page: int, text: str) -> dict[str, Any]:
     return {"document": doc.id, "name": doc.name, "page": page, "text": text}
 
 
+MIN_PASSAGE_TOKENS = 64
+
+
 def _passage(lm: Any, doc: DocumentContext, token_start: int, token_end: int) -> str:
-    """The document text of a token range: decoded from the stored token ids when available."""
-    if doc.token_ids is not None:
-        return lm.tokenizer.decode(doc.token_ids[token_start:token_end], skip_special_tokens=True)
+    """The document text around a token range, widened to at least MIN_PASSAGE_TOKENS within its page
+    and trimmed to whole words: decoded from the stored token ids when available."""
     page = doc.page_of(token_start, token_end)
-    return page.text if page else ""
+    if doc.token_ids is None:
+        return page.text if page else ""
+    lo, hi = (page.token_start, page.token_end) if page else (0, len(doc.token_ids))
+    missing = MIN_PASSAGE_TOKENS - (token_end - token_start)
+    if missing > 0:
+        token_start = max(lo, token_start - missing // 2)
+        token_end = min(hi, token_start + MIN_PASSAGE_TOKENS)
+        token_start = max(lo, min(token_start, token_end - MIN_PASSAGE_TOKENS))
+    text = lm.tokenizer.decode(doc.token_ids[token_start:token_end], skip_special_tokens=True)
+    if token_start > lo and " " in text:  # do not start mid-word
+        text = text[text.index(" ") + 1:]
+    if token_end < hi and " " in text:
+        text = text[: text.rindex(" ")]
+    return text.strip()
 
 
 class SharedLLMEngine:

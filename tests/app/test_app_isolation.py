@@ -12,7 +12,7 @@ from gradio_client import Client
 from app.services import ServiceError
 from app.services.qa import AnswerSettings
 
-from conftest import launch_app  # tests/app/conftest.py
+from app_testkit import launch_app
 
 PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22"}
 A_PAGES = ["Alice secret page. The launch code is PELICAN-7.", "Alice page two. Budget is 9 million."]
