@@ -38,13 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-shard-mib", type=float, default=48.0)
     ap.add_argument("--task-weights", default=None, help='JSON, e.g. \'{"lm": 1, "contract": 1}\'')
     ap.add_argument("--source-weights", default=None, help="JSON, e.g. '{\"man\": 1}'")
+    ap.add_argument("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                                                        "sharedllm", "corpus-text"),
+                    help="on-disk cache of rendered/cleaned source texts ('' to disable)")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tok, tok_name = load_default_tokenizer()
-    corpus = Corpus.discover(split=a.split)
+    corpus = Corpus.discover(split=a.split, cache_dir=a.cache_dir or None)
     tw = json.loads(a.task_weights) if a.task_weights else DEFAULT_TASK_WEIGHTS
     sw = json.loads(a.source_weights) if a.source_weights else DEFAULT_SOURCE_WEIGHTS
     entries_digest = hashlib.sha256("\n".join(e.name for s in corpus.sources for e in corpus.entries[s]).encode()).hexdigest()

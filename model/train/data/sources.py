@@ -45,6 +45,7 @@ from typing import Iterable, Sequence
 log = logging.getLogger(__name__)
 
 SOURCES = ("man", "man-gcloud", "pydoc", "docstrings", "pkgdocs")
+CACHE_VERSION = 1  # bump when cleaning/rendering changes (invalidates on-disk text caches)
 HELDOUT_PERCENT = 5
 
 MAN_ROOT = Path("/usr/share/man")
@@ -448,17 +449,21 @@ class Corpus:
     """
 
     def __init__(self, entries: dict[str, list[Entry]], texts: dict[str, str] | None = None,
-                 cache_size: int = 4096, min_chars: int = 400):
+                 cache_size: int = 4096, min_chars: int = 400, cache_dir: str | os.PathLike | None = None):
         self.entries = {k: v for k, v in entries.items() if v}
         self._fixed = dict(texts or {})
         self._cache: OrderedDict[str, str] = OrderedDict()
         self._cache_size = cache_size
         self.min_chars = min_chars
+        # optional on-disk cache of cleaned texts (keyed by path, size, mtime and CACHE_VERSION)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        if self.cache_dir:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def discover(cls, sources: Sequence[str] = SOURCES, split: str = "train",
-                 limit_per_source: int | None = None) -> "Corpus":
+                 limit_per_source: int | None = None, cache_dir: str | os.PathLike | None = None) -> "Corpus":
         denylist = tuple(PDF_DENYLIST) + tuple(find_pdf_stems())
         entries: dict[str, list[Entry]] = {s: [] for s in sources}
         texts: dict[str, str] = {}
@@ -485,7 +490,7 @@ class Corpus:
                 lst = lst[:limit_per_source]
             entries[s] = lst
         log.info("corpus (%s): %s", split, {k: len(v) for k, v in entries.items()})
-        return cls(entries, texts)
+        return cls(entries, texts, cache_dir=cache_dir)
 
     @classmethod
     def from_documents(cls, docs: Iterable[Document]) -> "Corpus":
@@ -512,6 +517,11 @@ class Corpus:
         if hit is not None:
             self._cache.move_to_end(entry.name)
             return hit
+        disk = self._disk_path(entry)
+        if disk is not None and disk.exists():
+            text = disk.read_text(encoding="utf-8")
+            self._remember(entry.name, text)
+            return text
         try:
             if entry.source in ("man", "man-gcloud"):
                 text = _read_man(entry.path)
@@ -525,10 +535,29 @@ class Corpus:
             text = ""
         if len(text) < self.min_chars or not looks_english(text):
             text = ""
-        self._cache[entry.name] = text
+        if disk is not None:
+            disk.parent.mkdir(parents=True, exist_ok=True)
+            tmp = disk.with_suffix(f".{os.getpid()}.part")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, disk)
+        self._remember(entry.name, text)
+        return text
+
+    def _remember(self, name: str, text: str) -> None:
+        self._cache[name] = text
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return text
+
+    def _disk_path(self, entry: Entry) -> Path | None:
+        if self.cache_dir is None or entry.path.startswith(("mem:", "pydoc:")):
+            return None
+        try:
+            st = os.stat(entry.path)
+        except OSError:
+            return None
+        key = f"{CACHE_VERSION}|{entry.source}|{entry.path}|{st.st_size}|{st.st_mtime_ns}|{self.min_chars}"
+        h = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+        return self.cache_dir / h[:2] / f"{h}.txt"
 
     def document(self, entry: Entry) -> Document:
         return Document(entry.source, entry.name, self.text(entry))
