@@ -96,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("conversations", "list conversations")
     _json_flag(p)
 
+    p = sub.add_parser("train", help="train SharedLLM weights for a base model (model.train)",
+                       conflict_handler="resolve")
+    _common(p, suppress=True)
+    _add_train_arguments(p)
+    _json_flag(p)
+
+    p = command("bench", "quality and speed benchmarks of all engines (bench.cli); arguments pass through")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="ARGS")
+
     p = command("users", "manage accounts (a login is required in the UI once one exists)")
     users_sub = p.add_subparsers(dest="users_command", required=True, metavar="add|list|rm|passwd")
     for name, help_text in (("add", "create an account"), ("list", "list accounts"),
@@ -112,10 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    try:
+        from model.train.cli import add_arguments
+    except ImportError:  # training code not installed: the command explains itself when run
+        return
+    add_arguments(parser)
+
+
 # --- entry point -----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "bench":
+        args.bench_args = [*args.bench_args, *extra]
     _setup_logging(bool(getattr(args, "verbose", False)))
     as_json = bool(getattr(args, "json", False))
     real_stdout = sys.stdout
@@ -148,7 +169,7 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> Any:
     settings = Settings.load(overrides)
     handler = {
         "serve": cmd_serve, "ingest": cmd_ingest, "docs": cmd_docs, "ask": cmd_ask, "export": cmd_export,
-        "conversations": cmd_conversations, "users": cmd_users,
+        "conversations": cmd_conversations, "users": cmd_users, "train": cmd_train, "bench": cmd_bench,
     }[args.command]
     return handler(args, settings, out)
 
@@ -326,6 +347,32 @@ def cmd_conversations(args, settings, out):
         for c in convs:
             out.write(f"{c['id']}\t{c['updated_at']}\t{c['engine']}\t{c['title']}\n")
     return {"conversations": convs}
+
+
+def cmd_train(args, settings, out):
+    try:
+        from model.train.cli import run
+    except ImportError as exc:
+        raise CliError(f"training is not available in this install ({exc})") from None
+    weights = run(args, settings.data_dir)
+    if not args.json:
+        out.write(f"weights written to {weights}\n")
+    return {"weights": str(weights)}
+
+
+def cmd_bench(args, settings, out):
+    try:
+        from bench.cli import main as bench_main
+    except ImportError as exc:
+        raise CliError(f"the benchmark is not available in this install ({exc})") from None
+    argv = list(args.bench_args)
+    if args.data_dir is not None and "--data-dir" not in argv:
+        argv += ["--data-dir", str(settings.data_dir)]
+    with contextlib.redirect_stdout(out):
+        code = bench_main(argv)
+    if code:
+        raise CliError(f"benchmark exited with status {code}")
+    return None
 
 
 def _read_password(args) -> str:
