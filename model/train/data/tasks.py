@@ -23,7 +23,6 @@ what it drew (the caller retries with a derived seed).
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from dataclasses import dataclass, field
