@@ -1,0 +1,63 @@
+"""`sharedllm train` / `python -m model.train`: train SharedLLM weights for a base model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train-data", required=True, help="shard directory (python -m model.train.data)")
+    parser.add_argument("--eval-data", help="held-out shard directory")
+    parser.add_argument("--out", required=True, help="output directory (checkpoint/, loss.png, weights)")
+    parser.add_argument("--base-model", default=None, help="checkpoint (default: the bundled SmolLM2)")
+    parser.add_argument("--init-weights", default=None, help="start from these SharedLLM weights")
+    parser.add_argument("--init-mode", default="zero", choices=["zero", "copy"])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--grad-accum", type=int, default=4)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--eval-items", type=int, default=16)
+    parser.add_argument("--save-every", type=int, default=50)
+    parser.add_argument("--train-top-layers", type=int, default=0)
+    parser.add_argument("--max-context-tokens", type=int, default=None)
+    parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace, data_dir: Path) -> Path:
+    from model.runtime import load_model
+    from model.train.data.pack import ShardReader
+    from model.train.loop import TrainConfig, train
+
+    lm = load_model(args.base_model, data_dir, device=args.device, weights=args.init_weights,
+                    **({} if args.init_weights else {"init_mode": args.init_mode}))
+    train_items = ShardReader(args.train_data, with_meta=False)
+    eval_items = []
+    if args.eval_data:
+        reader = ShardReader(args.eval_data, with_meta=False)
+        eval_items = [reader[i] for i in range(min(args.eval_items, len(reader)))]
+    out = Path(args.out)
+    cfg = TrainConfig(out=out, steps=args.steps, lr=args.lr, warmup=args.warmup, grad_accum=args.grad_accum,
+                      eval_every=args.eval_every, eval_items=args.eval_items, save_every=args.save_every,
+                      train_top_layers=args.train_top_layers, max_context_tokens=args.max_context_tokens,
+                      gradient_checkpointing=not args.no_gradient_checkpointing, seed=args.seed)
+    train(lm.model, lm.tokenizer, train_items, eval_items, cfg, title=f"SharedLLM on {lm.name}: {args.steps} steps")
+    lm.model.save_pretrained(out / "weights", extra={"steps": args.steps, "train_data": str(args.train_data)})
+    log.info("weights written to %s", out / "weights")
+    return out / "weights"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__)
+    parser.add_argument("--data-dir", default="data")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run(args, Path(args.data_dir))
+    return 0

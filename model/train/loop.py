@@ -1,0 +1,213 @@
+"""The SharedLLM training loop: teaches the cross-attention blocks to read the context tree.
+
+Only `xattn` trains (optionally the upper model's top layers, `--train-top-layers`). Each step
+takes one item: its context is encoded into a tree (no gradient; split noise as in the paper), the
+memory is built with the query-aware policy (question items) or the language-modelling policy,
+and the loss is next-token cross-entropy on the target tokens only. AdamW, linear warm-up then
+cosine decay, gradient accumulation, gradient checkpointing, periodic held-out evaluation, resumable
+checkpoints (safetensors + JSON, no pickle), a loss curve PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from model.sharedllm import SharedLLM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    out: Path
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 20
+    grad_accum: int = 4
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    eval_every: int = 50
+    eval_items: int = 16
+    save_every: int = 50
+    train_top_layers: int = 0
+    gradient_checkpointing: bool = True
+    max_context_tokens: int | None = None  # truncate contexts (CPU budgets)
+    seed: int = 0
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1))))
+
+
+def trainable_parameters(model: SharedLLM, top_layers: int) -> list[torch.nn.Parameter]:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(model.xattn.parameters())
+    if top_layers:
+        params += [p for layer in model.base.layers[-top_layers:] for p in layer.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def question_ids(prompt_ids: list[int], tokenizer) -> list[int] | None:
+    """The last user message of a chat-templated prompt, re-tokenised alone (the query)."""
+    if not prompt_ids:
+        return None
+    text = tokenizer.decode(prompt_ids, skip_special_tokens=False)
+    marker = "<|im_start|>user\n"
+    if marker not in text:
+        return None
+    question = text.rsplit(marker, 1)[1].split("<|im_end|>", 1)[0].strip()
+    return tokenizer(question, add_special_tokens=False)["input_ids"] or None
+
+
+def item_loss(model: SharedLLM, item: dict, tokenizer, cfg: TrainConfig,
+              generator: torch.Generator | None) -> torch.Tensor:
+    device = model.base.embed_tokens.weight.device
+    context = [int(t) for t in item["context_ids"]]
+    if cfg.max_context_tokens:
+        context = context[: cfg.max_context_tokens]
+    prompt = [int(t) for t in item["prompt_ids"]]
+    target = [int(t) for t in item["target_ids"]]
+    noise = model.config.split_noise if generator is not None else 0.0
+    tree = model.encode_tree(context, noise=noise, generator=generator)
+    question = question_ids(prompt, tokenizer)
+    query = model.query_vector(torch.tensor(question)) if question else None
+    memory = model.build_memory([tree], query)
+    ids = torch.tensor([prompt + target[:-1]], device=device) if prompt else torch.tensor([target[:-1]], device=device)
+    labels = torch.tensor(target if prompt else target[1:], device=device)
+    logits = model(ids, memory=memory)[0, -len(labels):]  # (T_target, V)
+    return F.cross_entropy(logits.float(), labels)
+
+
+@torch.no_grad()
+def evaluate(model: SharedLLM, items: list[dict], tokenizer, cfg: TrainConfig) -> float:
+    model.eval()
+    losses = [float(item_loss(model, it, tokenizer, cfg, None)) for it in items]
+    return sum(losses) / max(1, len(losses))
+
+
+# --- checkpoints (safetensors + JSON) --------------------------------------------------------------
+def save_checkpoint(model: SharedLLM, optimizer: torch.optim.Optimizer, step: int, history: list, cfg: TrainConfig,
+                    params: list[torch.nn.Parameter]) -> None:
+    ckpt = cfg.out / "checkpoint"
+    tmp = cfg.out / "checkpoint.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, extra={"step": step})
+    opt_state = {}
+    for i, p in enumerate(params):
+        state = optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            if key in state:
+                opt_state[f"{i}.{key}"] = torch.as_tensor(state[key]).detach().cpu().contiguous()
+    if params and cfg.train_top_layers:
+        top = {k: v.detach().cpu().contiguous() for k, v in model.base.layers[-cfg.train_top_layers:].state_dict().items()}
+        save_file(top, str(tmp / "top_layers.safetensors"))
+    save_file(opt_state or {"empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
+    (tmp / "trainer.json").write_text(json.dumps({"step": step, "history": history, "config": asdict(cfg)},
+                                                 default=str, indent=1))
+    if ckpt.exists():
+        for f in ckpt.iterdir():
+            f.unlink()
+        ckpt.rmdir()
+    tmp.rename(ckpt)
+
+
+def load_checkpoint(model: SharedLLM, optimizer, params, cfg: TrainConfig) -> tuple[int, list]:
+    ckpt = cfg.out / "checkpoint"
+    if not (ckpt / "trainer.json").is_file():
+        return 0, []
+    model.load_cross_attention(ckpt)
+    if (ckpt / "top_layers.safetensors").is_file():
+        model.base.layers[-cfg.train_top_layers:].load_state_dict(load_file(str(ckpt / "top_layers.safetensors")))
+    opt_state = load_file(str(ckpt / "optimizer.safetensors"))
+    for i, p in enumerate(params):
+        if f"{i}.exp_avg" in opt_state:
+            optimizer.state[p] = {key: opt_state[f"{i}.{key}"].to(p.device) for key in ("exp_avg", "exp_avg_sq", "step")}
+    info = json.loads((ckpt / "trainer.json").read_text())
+    log.info("resumed from step %d", info["step"])
+    return int(info["step"]), info["history"]
+
+
+def plot_history(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    held = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if train:
+        steps, losses = zip(*train)
+        window = max(1, len(losses) // 50)
+        smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+                  for i in range(len(losses))]
+        ax.plot(steps, smooth, label=f"train (moving avg {window})")
+    if held:
+        ax.plot(*zip(*held), "o-", label="held-out")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy on target tokens")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train(model: SharedLLM, tokenizer, train_items, eval_items: list[dict], cfg: TrainConfig,
+          title: str = "SharedLLM training") -> list[dict]:
+    """Runs (or resumes) training; returns the loss history. `train_items` supports len/indexing."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    params = trainable_parameters(model, cfg.train_top_layers)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    start, history = load_checkpoint(model, optimizer, params, cfg)
+    model.base.gradient_checkpointing = cfg.gradient_checkpointing
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order = list(range(len(train_items)))
+    rng.shuffle(order)
+    cursor = start * cfg.grad_accum
+    started = time.perf_counter()
+    for step in range(start, cfg.steps):
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            item = train_items[order[cursor % len(order)]]
+            cursor += 1
+            loss = item_loss(model, item, tokenizer, cfg, generator) / cfg.grad_accum
+            loss.backward()
+            total += float(loss)
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append({"step": step + 1, "loss": total, "lr": lr_at(step, cfg),
+                        "elapsed_s": round(time.perf_counter() - started, 1)})
+        log.info("step %d loss %.4f lr %.2e", step + 1, total, lr_at(step, cfg))
+        if eval_items and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            history.append({"step": step + 1, "eval_loss": evaluate(model, eval_items, tokenizer, cfg)})
+            log.info("step %d held-out loss %.4f", step + 1, history[-1]["eval_loss"])
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(model, optimizer, step + 1, history, cfg, params)
+            plot_history(history, cfg.out / "loss.png", title)
+    model.base.gradient_checkpointing = False
+    model.eval()
+    return history
