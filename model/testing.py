@@ -39,13 +39,14 @@ def random_transformer(config: ModelConfig, seed: int = 0, std: float = 0.1) -> 
 def tiny_loaded_model(data_dir: str | Path, chunk_len: int = 64, seed: int = 0, **config_overrides) -> LoadedModel:
     tokenizer = load_tokenizer(resolve_checkpoint(None, Path(data_dir)))
     base = random_transformer(tiny_config(), seed)
-    cfg = SharedLLMConfig(n_inject_layers=2, chunk_len=chunk_len, tree_dtype="float32", **config_overrides)
+    cfg = SharedLLMConfig(n_inject_layers=2, chunk_len=chunk_len, tree_dtype="float32", encode_dtype="float32",
+                          **config_overrides)
     return LoadedModel(SharedLLM(base, cfg).eval(), tokenizer, "tiny-random", f"tiny-random-{seed}", False)
 
 
 def make_shared(base: Transformer, **overrides) -> SharedLLM:
     """A SharedLLM over `base` with small-test defaults (M=2, L=64, float32 trees)."""
-    values = dict(n_inject_layers=2, chunk_len=64, tree_dtype="float32")
+    values = dict(n_inject_layers=2, chunk_len=64, tree_dtype="float32", encode_dtype="float32")
     values.update(overrides)
     return SharedLLM(base, SharedLLMConfig(**values)).eval()
 

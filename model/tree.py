@@ -212,7 +212,9 @@ def _encode_batch(base: Transformer, ids: torch.Tensor, batch: list[_Node], lv: 
     tokens = torch.zeros((len(batch), width), dtype=torch.long)
     for row, node in enumerate(batch):
         tokens[row, : node.length] = ids[node.start: node.start + node.length]
-    keys, values, hidden1 = lower_forward(base, tokens.to(device), cfg.n_inject_layers)
+    autocast = cfg.encode_dtype != "float32" and base.embed_tokens.weight.dtype == torch.float32
+    with torch.autocast(device.type, dtype=getattr(torch, cfg.encode_dtype), enabled=autocast):
+        keys, values, hidden1 = lower_forward(base, tokens.to(device), cfg.n_inject_layers)
     rate, slots = cfg.keep_rates[level - 1], cfg.slots(level)
     for row, node in enumerate(batch):
         kept = keep_indices(node.length, slots, rate)

@@ -107,3 +107,26 @@ def test_unsupported_architecture_is_rejected(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ModelError, match="unsupported model_type 'gpt2'"):
         load_transformer(tmp_path, torch.device("cpu"), torch.float32)
+
+
+def test_attention_backend_is_chosen_once_at_load_time(monkeypatch):
+    from model import attention
+
+    assert attention.choose_backend(torch.device("cpu"), torch.float32) == "sdpa"
+    monkeypatch.setattr(attention.importlib.util, "find_spec", lambda name: object())
+    assert attention.choose_backend(torch.device("cuda"), torch.bfloat16) == "flash"
+    assert attention.choose_backend(torch.device("cuda"), torch.float32) == "sdpa"
+    assert attention.choose_backend(torch.device("cpu"), torch.bfloat16) == "sdpa"
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attention.choose_backend(torch.device("cpu"), torch.float32, "magic")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_bf16_parity_with_sdpa(hf_checkpoint):
+    hf, path = hf_checkpoint
+    ours = load_transformer(path, torch.device("cuda"), torch.bfloat16)
+    hf = hf.to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 128), device="cuda")
+    with torch.no_grad():
+        assert (hf(ids).logits.float() - ours(ids).float()).abs().max().item() < 0.1

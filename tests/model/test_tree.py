@@ -97,3 +97,13 @@ def test_progress_reports_reach_the_total(tiny_shared):
 def test_empty_document_is_rejected(tiny_shared):
     with pytest.raises(ValueError, match="empty"):
         tiny_shared.encode_tree([])
+
+
+def test_bf16_encoding_is_close_to_fp32_and_changes_the_fingerprint(tiny_base):
+    exact = make_shared(tiny_base, encode_dtype="float32")
+    fast = make_shared(tiny_base, encode_dtype="bfloat16")
+    ids = random_ids(128)
+    a, b = exact.encode_tree(ids), fast.encode_tree(ids)
+    rel = (a.levels[0].keys - b.levels[0].keys).norm() / a.levels[0].keys.norm()
+    assert 0 < rel < 0.05
+    assert exact.config.fingerprint("x") != fast.config.fingerprint("x")
