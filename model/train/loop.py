@@ -195,7 +195,7 @@ def train(model: SharedLLM, tokenizer, train_items, eval_items: list[dict], cfg:
             cursor += 1
             loss = item_loss(model, item, tokenizer, cfg, generator) / cfg.grad_accum
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
