@@ -14,6 +14,8 @@ CSS = """
 .upload-progress progress { width: 160px; }
 .upload-file.bad .file-status, .upload-file.bad .file-note { color: #b42318; font-weight: 600; }
 .upload-file.ok .file-status { color: #067647; font-weight: 600; }
+.upload-file.bad progress::-webkit-progress-value { background: #b42318; }
+.upload-file.bad progress::-moz-progress-bar { background: #b42318; }
 #account-bar { align-items: center; }
 """
 

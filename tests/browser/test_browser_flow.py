@@ -36,6 +36,8 @@ def server(tmp_path, default_model):
 def test_login_upload_ask_cite_export(server, browser, artifacts_dir, tmp_path):
     ctx, url = server
     pdf = write_pdf(tmp_path / "service-agreement.pdf", CONTRACT_PAGES)
+    broken = tmp_path / "scan-corrupt.pdf"
+    broken.write_bytes(b"%PDF-1.4\n%% truncated upload")
     page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
     page.set_default_timeout(60_000)
     try:
@@ -48,10 +50,13 @@ def test_login_upload_ask_cite_export(server, browser, artifacts_dir, tmp_path):
 
         # upload: per-file progress ends in `ready`
         page.get_by_role("tab", name="Library").click()
-        page.locator("#upload-files input[type=file]").set_input_files(str(pdf))
+        page.locator("#upload-files input[type=file]").set_input_files([str(pdf), str(broken)])
         page.locator("#upload-button").click()
         page.locator("#upload-progress tr[data-status=ready]").wait_for(timeout=180_000)
-        assert "service-agreement.pdf" in page.locator("#upload-progress").inner_text()
+        page.locator("#upload-progress tr[data-status=failed]").wait_for(timeout=60_000)
+        good = page.locator("#upload-progress tr[data-status=ready]").inner_text()
+        bad = page.locator("#upload-progress tr[data-status=failed]").inner_text()
+        assert "service-agreement.pdf" in good and "scan-corrupt.pdf" in bad and len(bad) > len("scan-corrupt.pdf failed")
         expect(page.locator("#library-table")).to_contain_text("service-agreement.pdf")
         page.screenshot(path=str(artifacts_dir / "browser-library.png"), full_page=True)
 
