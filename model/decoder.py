@@ -37,7 +37,8 @@ class RMSNorm(nn.Module):
 class KVCache(nn.Module):
     """Self-attention cache of one layer: contiguous k/v tensors (B, nkv, S, hd) grown per step.
 
-    Lifecycle: created by `Transformer.setup_caches`, dropped by `clear_caches`. `update` appends
+    Lifecycle: created per generation by `Transformer.new_cache` and passed to `forward` by the
+    caller (never stored on the model, so concurrent generations share weights, not caches). `update` appends
     the new keys (their `input_pos` must continue the cache) and returns the whole cache, so the
     caller's queries are the last T of the returned keys (bottom-right causal alignment). The
     tensors stay contiguous: PyTorch's CPU SDPA is ~7x slower on a strided prefix view of a
@@ -131,7 +132,6 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.inv_freq = inverse_frequencies(config)  # plain tensor: survives meta-device construction
-        self.caches: list[KVCache] | None = None
         self.gradient_checkpointing = False  # set by the trainer: recompute layers in backward
         self.set_attention_backend(attention)
 
@@ -139,16 +139,12 @@ class Transformer(nn.Module):
         self.attention_backend = name
         self.attn_fn: AttentionFn = ATTENTION_BACKENDS[name]
 
-    # --- KV cache lifecycle -------------------------------------------------------------------
-    def setup_caches(self, batch: int, max_len: int) -> None:
+    # --- KV cache ------------------------------------------------------------------------------
+    def new_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        """A fresh per-layer cache for one generation; the caller owns it and passes it to forward."""
         ref = self.embed_tokens.weight
         cfg = self.config
-        self.caches = [
-            KVCache(batch, max_len, cfg.n_kv_head, cfg.head_dim, ref.device, ref.dtype) for _ in self.layers
-        ]
-
-    def clear_caches(self) -> None:
-        self.caches = None
+        return [KVCache(batch, max_len, cfg.n_kv_head, cfg.head_dim, ref.device, ref.dtype) for _ in self.layers]
 
     # --- forward ------------------------------------------------------------------------------
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,23 +155,24 @@ class Transformer(nn.Module):
         return F.linear(self.norm(hidden), weight)
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
-                injections: Mapping[int, Injection] | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V). With `input_pos` (T,), reads and fills the KV
-        cache (which must be set up); without it, attends causally over `input_ids` alone."""
-        return self.output_logits(self.hidden_states(input_ids, input_pos, injections))
+                injections: Mapping[int, Injection] | None = None,
+                cache: list[KVCache] | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V). With `input_pos` (T,) and a `cache` from
+        `new_cache`, reads and extends the cache; without them, attends over `input_ids` alone."""
+        return self.output_logits(self.hidden_states(input_ids, input_pos, injections, cache))
 
-    def hidden_states(self, input_ids, input_pos=None, injections=None) -> torch.Tensor:
-        if input_pos is not None and self.caches is None:
-            raise RuntimeError("input_pos given but the KV cache is not set up: call setup_caches() first")
+    def hidden_states(self, input_ids, input_pos=None, injections=None, cache=None) -> torch.Tensor:
+        if (input_pos is None) != (cache is None):
+            raise RuntimeError("input_pos and cache go together: create the cache with new_cache()")
         t = input_ids.shape[1]
         positions = input_pos if input_pos is not None else torch.arange(t, device=input_ids.device)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self.rope(positions, x.dtype)
         injections = injections or {}
         for i, layer in enumerate(self.layers):
-            cache = self.caches[i] if input_pos is not None else None
-            if self.gradient_checkpointing and self.training and cache is None:
+            layer_cache = cache[i] if cache is not None else None
+            if self.gradient_checkpointing and self.training and layer_cache is None:
                 x = checkpoint(layer, x, cos, sin, self.attn_fn, None, None, injections.get(i), use_reentrant=False)
             else:
-                x = layer(x, cos, sin, self.attn_fn, cache, input_pos, injections.get(i))
+                x = layer(x, cos, sin, self.attn_fn, layer_cache, input_pos, injections.get(i))
         return x

@@ -60,35 +60,38 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 @torch.no_grad()
-def prefill(model, prompt_ids: torch.Tensor, memory: Memory | None) -> torch.Tensor:
+def prefill(model, prompt_ids: torch.Tensor, memory: Memory | None, cache) -> torch.Tensor:
     """prompt_ids (1, T) -> logits of the last position (V,), filling the KV cache."""
     input_pos = torch.arange(prompt_ids.shape[1], device=prompt_ids.device)
-    return _forward(model, prompt_ids, input_pos, memory)[0, -1]
+    return _forward(model, prompt_ids, input_pos, memory, cache)[0, -1]
 
 
 @torch.no_grad()
-def decode_one_token(model, token: int, position: int, memory: Memory | None, device) -> torch.Tensor:
+def decode_one_token(model, token: int, position: int, memory: Memory | None, cache, device) -> torch.Tensor:
     ids = torch.tensor([[token]], device=device)
-    return _forward(model, ids, torch.tensor([position], device=device), memory)[0, -1]
+    return _forward(model, ids, torch.tensor([position], device=device), memory, cache)[0, -1]
 
 
-def _forward(model, ids: torch.Tensor, input_pos: torch.Tensor, memory: Memory | None) -> torch.Tensor:
+def _forward(model, ids: torch.Tensor, input_pos: torch.Tensor, memory: Memory | None, cache) -> torch.Tensor:
     """A bare `Transformer` has no memory argument; SharedLLM takes one."""
-    return model(ids, input_pos) if memory is None else model(ids, input_pos, memory=memory)
+    if memory is None:
+        return model(ids, input_pos, cache=cache)
+    return model(ids, input_pos, memory=memory, cache=cache)
 
 
 def generate_tokens(model, prompt_ids: Sequence[int], memory: Memory | None, settings: GenerationSettings,
                     eos_ids: Sequence[int] = ()) -> Iterator[int]:
-    """Yields new token ids until EOS (not yielded) or `max_new_tokens`. Owns the cache lifecycle."""
+    """Yields new token ids until EOS (not yielded) or `max_new_tokens`. Owns its KV cache, so
+    several generations may run at once on one model (threads share weights, not state)."""
     base = model.base if hasattr(model, "base") else model
     device = base.embed_tokens.weight.device
     generator = torch.Generator().manual_seed(settings.seed)
     ids = torch.tensor([list(prompt_ids)], device=device)
-    base.setup_caches(1, ids.shape[1] + settings.max_new_tokens)
+    cache = base.new_cache(1, ids.shape[1] + settings.max_new_tokens)
     try:
         if memory is not None:
             memory.tracking = True
-        logits = prefill(model, ids, memory)
+        logits = prefill(model, ids, memory, cache)
         position = ids.shape[1]
         for step in range(settings.max_new_tokens):
             token = sample(logits, settings.temperature, settings.top_p, generator)
@@ -97,12 +100,11 @@ def generate_tokens(model, prompt_ids: Sequence[int], memory: Memory | None, set
             yield token
             if step + 1 == settings.max_new_tokens:
                 return
-            logits = decode_one_token(model, token, position, memory, device)
+            logits = decode_one_token(model, token, position, memory, cache, device)
             position += 1
     finally:
         if memory is not None:
             memory.tracking = False
-        base.clear_caches()
 
 
 class TextStream:

@@ -70,9 +70,28 @@ def test_sampling_is_reproducible_with_a_seed(tiny_shared):
     assert run(1) == run(1) and run(1) != run(2)
 
 
-def test_kv_cache_must_be_set_up_before_use(tiny_base):
-    with pytest.raises(RuntimeError, match="setup_caches"):
+def test_kv_cache_must_be_passed_with_positions(tiny_base):
+    with pytest.raises(RuntimeError, match="new_cache"):
         tiny_base(random_ids(3)[None], torch.arange(3))
+    cache = tiny_base.new_cache(1, 8)
+    tiny_base(random_ids(3)[None], torch.arange(3), cache=cache)
+    with pytest.raises(ValueError, match="must continue"):
+        tiny_base(random_ids(2)[None], torch.arange(2), cache=cache)
+
+
+def test_concurrent_generations_share_weights_not_state(tiny_shared):
+    from concurrent.futures import ThreadPoolExecutor
+
+    tree = tiny_shared.encode_tree(random_ids(200, seed=3))
+    prompts = [random_ids(6 + i, seed=10 + i).tolist() for i in range(4)]
+
+    def run(prompt):
+        memory = tiny_shared.build_memory([tree], None)
+        return list(generate_tokens(tiny_shared, prompt, memory, GenerationSettings(max_new_tokens=12)))
+
+    sequential = [run(p) for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(run, prompts)) == sequential
 
 
 def test_save_and_load_round_trip(tiny_base, tmp_path):
