@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(p)
     _json_flag(p)
 
-    p = command("bench", "quality and speed benchmarks of all engines (bench.cli); arguments pass through")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="ARGS")
+    p = command("bench", "quality and speed tables + plots (see `python -m bench --help`)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="BENCHMARK [OPTIONS]",
+                   help="speed | model | ingest | quality | smoke | all, then bench options")
 
     p = command("users", "manage accounts (a login is required in the UI once one exists)")
     users_sub = p.add_subparsers(dest="users_command", required=True, metavar="add|list|rm|passwd")
@@ -361,17 +362,16 @@ def cmd_train(args, settings, out):
 
 
 def cmd_bench(args, settings, out):
-    try:
-        from bench.cli import main as bench_main
-    except ImportError as exc:
-        raise CliError(f"the benchmark is not available in this install ({exc})") from None
-    argv = list(args.bench_args)
-    if args.data_dir is not None and "--data-dir" not in argv:
-        argv += ["--data-dir", str(settings.data_dir)]
-    with contextlib.redirect_stdout(out):
-        code = bench_main(argv)
-    if code:
-        raise CliError(f"benchmark exited with status {code}")
+    """Delegates to bench.cli with the app's data dir and model unless the bench options name them."""
+    from bench.cli import main as bench_main
+
+    extra = list(args.bench_args)
+    if "--data-dir" not in extra:
+        extra += ["--data-dir", str(settings.data_dir)]
+    if settings.model and "--model" not in extra:
+        extra += ["--model", settings.model]
+    if bench_main(extra, prog="sharedllm bench") != 0:
+        raise CliError("benchmark failed")
     return None
 
 
