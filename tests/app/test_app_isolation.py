@@ -163,3 +163,25 @@ def test_service_errors_do_not_leak_existence(ctx, world):
             bob.get_document(doc)
         msgs.append(str(info.value).replace(str(doc), "N"))
     assert msgs[0] == msgs[1]  # someone else's document and a missing one look the same
+
+
+def test_data_dir_is_never_served(tmp_path, tiny_model, monkeypatch):
+    """Gradio's file routes must not hand out the database, uploads or trees, even from the cwd."""
+    import httpx
+
+    from app.config import Settings
+    from app.services.context import AppContext
+
+    monkeypatch.chdir(tmp_path)
+    ctx = AppContext(Settings.load({"data_dir": "data"}, environ={}), model=tiny_model)
+    demo, url = launch_app(ctx)
+    try:
+        db = tmp_path / "data" / "sharedllm.db"
+        assert db.exists()
+        for target in ("data/sharedllm.db", str(db), "/etc/passwd"):
+            for prefix in ("/gradio_api/file=", "/file="):
+                response = httpx.get(url + prefix + target, timeout=10)
+                assert response.status_code in (403, 404), (prefix + target, response.status_code)
+    finally:
+        demo.close()
+        ctx.close()
