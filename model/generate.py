@@ -63,7 +63,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float,
 def prefill(model, prompt_ids: torch.Tensor, memory: Memory | None, cache) -> torch.Tensor:
     """prompt_ids (1, T) -> logits of the last position (V,), filling the KV cache."""
     input_pos = torch.arange(prompt_ids.shape[1], device=prompt_ids.device)
-    return _forward(model, prompt_ids, input_pos, memory, cache)[0, -1]
+    base = model.base if hasattr(model, "base") else model
+    injections = None if memory is None else model._injections(memory, prompt_ids.shape[0])
+    hidden = base.hidden_states(prompt_ids, input_pos, injections, cache)  # (1, T, D)
+    return base.output_logits(hidden[:, -1:])[0, -1]  # logits of the last position only (V,)
 
 
 @torch.no_grad()
