@@ -84,7 +84,9 @@ class AuthService:
 
     def add_user(self, username: str, password: str, is_admin: bool = False) -> UserInfo:
         if not USERNAME_RE.match(username) or username == LOCAL_USER:
-            raise AuthError(f"invalid username {username!r}: use 1-150 letters, digits or _.@- (not '{LOCAL_USER}')")
+            raise AuthError(
+                f"invalid username {username!r}: use 1-150 letters, digits or _.@- (not '{LOCAL_USER}')"
+            )
         if len(password) < MIN_PASSWORD_LEN:
             raise AuthError(f"password too short: at least {MIN_PASSWORD_LEN} characters")
         with self._sessions.begin() as session:

@@ -39,12 +39,20 @@ class PartialFailure(CliError):
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     """Options every command takes; on sub-commands their defaults do not override the main parser's."""
     default = argparse.SUPPRESS if suppress else None
-    parser.add_argument("--data-dir", default=default, help="data directory (default ./data or SHAREDLLM_DATA_DIR)")
-    parser.add_argument("--model", default=default,
-                        help="checkpoint directory or .gguf (default: bundled SmolLM2-135M-Instruct, or SHAREDLLM_MODEL)")
+    parser.add_argument(
+        "--data-dir", default=default, help="data directory (default ./data or SHAREDLLM_DATA_DIR)"
+    )
+    parser.add_argument(
+        "--model",
+        default=default,
+        help="checkpoint directory or .gguf (default: bundled SmolLM2-135M-Instruct, or SHAREDLLM_MODEL)",
+    )
     parser.add_argument("--device", default=default, help="auto (default), cpu, cuda, cuda:1 ...")
-    parser.add_argument("--user", default=default,
-                        help="account to act as (default: SHAREDLLM_USER, else the single-user 'local' owner)")
+    parser.add_argument(
+        "--user",
+        default=default,
+        help="account to act as (default: SHAREDLLM_USER, else the single-user 'local' owner)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
 
 
@@ -80,8 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("ask", "ask a question about one or more documents")
     p.add_argument("question")
-    p.add_argument("--doc", action="append", default=[], metavar="ID|FILE.pdf",
-                   help="document id, or a PDF (ingested first when new); repeatable")
+    p.add_argument(
+        "--doc",
+        action="append",
+        default=[],
+        metavar="ID|FILE.pdf",
+        help="document id, or a PDF (ingested first when new); repeatable",
+    )
     p.add_argument("--engine", choices=("sharedllm", "full", "rag"), default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
@@ -96,20 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("conversations", "list conversations")
     _json_flag(p)
 
-    p = sub.add_parser("train", help="train SharedLLM weights for a base model (model.train)",
-                       conflict_handler="resolve")
+    p = sub.add_parser(
+        "train", help="train SharedLLM weights for a base model (model.train)", conflict_handler="resolve"
+    )
     _common(p, suppress=True)
     _add_train_arguments(p)
     _json_flag(p)
 
     p = command("bench", "quality and speed tables + plots (see `python -m bench --help`)")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="BENCHMARK [OPTIONS]",
-                   help="speed | model | ingest | quality | smoke | all, then bench options")
+    p.add_argument(
+        "bench_args",
+        nargs=argparse.REMAINDER,
+        metavar="BENCHMARK [OPTIONS]",
+        help="speed | model | ingest | quality | smoke | all, then bench options",
+    )
 
     p = command("users", "manage accounts (a login is required in the UI once one exists)")
     users_sub = p.add_subparsers(dest="users_command", required=True, metavar="add|list|rm|passwd")
-    for name, help_text in (("add", "create an account"), ("list", "list accounts"),
-                            ("rm", "delete an account and everything it owns"), ("passwd", "change a password")):
+    for name, help_text in (
+        ("add", "create an account"),
+        ("list", "list accounts"),
+        ("rm", "delete an account and everything it owns"),
+        ("passwd", "change a password"),
+    ):
         u = users_sub.add_parser(name, help=help_text)
         _common(u, suppress=True)
         _json_flag(u)
@@ -169,15 +191,24 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> Any:
         overrides.update(host=args.host, port=args.port)
     settings = Settings.load(overrides)
     handler = {
-        "serve": cmd_serve, "ingest": cmd_ingest, "docs": cmd_docs, "ask": cmd_ask, "export": cmd_export,
-        "conversations": cmd_conversations, "users": cmd_users, "train": cmd_train, "bench": cmd_bench,
+        "serve": cmd_serve,
+        "ingest": cmd_ingest,
+        "docs": cmd_docs,
+        "ask": cmd_ask,
+        "export": cmd_export,
+        "conversations": cmd_conversations,
+        "users": cmd_users,
+        "train": cmd_train,
+        "bench": cmd_bench,
     }[args.command]
     return handler(args, settings, out)
 
 
 def _setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if not verbose:
         for noisy in ("httpx", "urllib3", "alembic", "gradio", "uvicorn.access"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -223,6 +254,7 @@ def _ingest_files(ctx, owner_id: int, files: list[str]) -> list[dict[str, Any]]:
     for name in files:
         path = Path(name)
         with tqdm(total=1, desc=path.name[:30], unit="chunk", file=sys.stderr, leave=True) as bar:
+
             def progress(stage: str, done: int, total: int) -> None:
                 bar.set_postfix_str(stage)
                 if total and bar.total != total:
@@ -244,14 +276,22 @@ def cmd_ingest(args, settings, out):
     if not args.json:
         for d in docs:
             reason = f" ({d['error']})" if d.get("error") else ""
-            out.write(f"{d['id']}\t{d['status']}{reason}\t{d['pages']} pages\t{d['tokens']} tokens\t"
-                      f"{d['seconds']:.1f} s\t{d['name']}\n")
+            out.write(
+                f"{d['id']}\t{d['status']}{reason}\t{d['pages']} pages\t{d['tokens']} tokens\t"
+                f"{d['seconds']:.1f} s\t{d['name']}\n"
+            )
     failed = [d for d in docs if d["status"] != "ready"]
-    result = {"documents": [{k: d[k] for k in ("id", "name", "pages", "tokens", "status", "seconds", "error")}
-                            for d in docs]}
+    result = {
+        "documents": [
+            {k: d[k] for k in ("id", "name", "pages", "tokens", "status", "seconds", "error")} for d in docs
+        ]
+    }
     if failed:
-        raise PartialFailure(f"{len(failed)} of {len(docs)} files not ready: "
-                             + "; ".join(f"{d['name']}: {d['status']}" for d in failed), result)
+        raise PartialFailure(
+            f"{len(failed)} of {len(docs)} files not ready: "
+            + "; ".join(f"{d['name']}: {d['status']}" for d in failed),
+            result,
+        )
     return result
 
 
@@ -291,7 +331,9 @@ def cmd_ask(args, settings, out):
                 raise CliError(f"--doc {ref!r} is neither a document id nor a file")
             [doc] = _ingest_files(ctx, owner.id, [ref])
             if doc["status"] != "ready":
-                raise CliError(f"{doc['name']}: {doc['status']}" + (f" ({doc['error']})" if doc.get("error") else ""))
+                raise CliError(
+                    f"{doc['name']}: {doc['status']}" + (f" ({doc['error']})" if doc.get("error") else "")
+                )
             doc_ids.append(doc["id"])
         answer_settings = AnswerSettings(
             max_new_tokens=args.max_new_tokens or settings.max_new_tokens,
@@ -299,8 +341,14 @@ def cmd_ask(args, settings, out):
             max_citations=settings.max_citations,
         )
         final = None
-        for item in ctx.qa.answer(owner.id, args.question, doc_ids, args.conversation,
-                                  args.engine or settings.engine, answer_settings):
+        for item in ctx.qa.answer(
+            owner.id,
+            args.question,
+            doc_ids,
+            args.conversation,
+            args.engine or settings.engine,
+            answer_settings,
+        ):
             if isinstance(item, Answer):
                 final = item
             elif not args.json:
@@ -313,8 +361,11 @@ def cmd_ask(args, settings, out):
         for i, c in enumerate(final.citations, 1):
             out.write(f"[{i}] {c['name']}, p. {c['page']}: {c['text'][:200]}\n")
         t = final.timings
-        out.write(f"({final.engine}, conversation {final.conversation}: retrieval {t['retrieval_s']:.2f} s, "
-                  f"first token {t['ttft_s']:.2f} s, total {t['total_s']:.2f} s, {t['tokens_per_s']:.1f} tokens/s)\n")
+        out.write(
+            f"({final.engine}, conversation {final.conversation}: retrieval {t['retrieval_s']:.2f} s, "
+            f"first token {t['ttft_s']:.2f} s, total {t['total_s']:.2f} s, "
+            f"{t['tokens_per_s']:.1f} tokens/s)\n"
+        )
     return final.to_dict()
 
 
@@ -424,8 +475,11 @@ def _tree_paths_of(ctx, owner_id: int) -> list[str]:
     from storage import ContextTreeRecord, Document
 
     with ctx.sessions() as session:
-        return list(session.scalars(
-            select(ContextTreeRecord.path).join(Document).where(Document.owner_id == owner_id)))
+        return list(
+            session.scalars(
+                select(ContextTreeRecord.path).join(Document).where(Document.owner_id == owner_id)
+            )
+        )
 
 
 if __name__ == "__main__":

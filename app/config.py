@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 ENGINES = ("sharedllm", "full", "rag")
 ENV_PREFIX = "SHAREDLLM_"
@@ -57,7 +58,13 @@ class Settings:
             raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")
-        for name in ("max_upload_mb", "concurrency_limit", "queue_max_size", "max_new_tokens", "max_citations"):
+        for name in (
+            "max_upload_mb",
+            "concurrency_limit",
+            "queue_max_size",
+            "max_new_tokens",
+            "max_citations",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature < 0:
@@ -79,7 +86,9 @@ class Settings:
         return self.max_upload_mb * 1024 * 1024
 
     @classmethod
-    def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    def load(
+        cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
         """Flags (overrides, None values ignored) win over environment variables, which win over defaults."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}

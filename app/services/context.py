@@ -24,8 +24,12 @@ TENSORS_SUBDIR = "trees"
 
 
 class AppContext:
-    def __init__(self, settings: Settings, model: Any | None = None,
-                 model_loader: Callable[[Settings], Any] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        model: Any | None = None,
+        model_loader: Callable[[Settings], Any] | None = None,
+    ):
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = make_engine(settings.resolved_database_url)

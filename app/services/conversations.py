@@ -79,7 +79,9 @@ class ConversationService:
 
     def create(self, owner_id: int, document_ids: list[int], engine: str, title: str = "") -> dict[str, Any]:
         with self._sessions.begin() as session:
-            conv = Conversation(owner_id=owner_id, title=title, document_ids=list(document_ids), engine=engine)
+            conv = Conversation(
+                owner_id=owner_id, title=title, document_ids=list(document_ids), engine=engine
+            )
             session.add(conv)
             session.flush()
             return conversation_dict(conv)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +101,13 @@ class _MissingTree(Exception):
 
 
 class DocumentService:
-    def __init__(self, session_factory: sessionmaker[Session], tensors: TensorStore, uploads_dir: Path,
-                 cache_size: int = 8):
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        tensors: TensorStore,
+        uploads_dir: Path,
+        cache_size: int = 8,
+    ):
         self._sessions = session_factory
         self._tensors = tensors
         self._uploads = uploads_dir
@@ -116,7 +121,9 @@ class DocumentService:
     def list(self, owner_id: int) -> list[dict[str, Any]]:
         with self._sessions() as session:
             docs = session.scalars(
-                select(Document).where(Document.owner_id == owner_id).order_by(Document.created_at.desc(), Document.id.desc())
+                select(Document)
+                .where(Document.owner_id == owner_id)
+                .order_by(Document.created_at.desc(), Document.id.desc())
             )
             return [document_dict(d) for d in docs]
 
@@ -150,7 +157,9 @@ class DocumentService:
         logger.info("owner %s deleted document %s (%s)", owner_id, document_id, info["name"])
         return info
 
-    def load_for_qa(self, owner_id: int, document_ids: list[int], fingerprint: str | None) -> list[DocumentContext]:
+    def load_for_qa(
+        self, owner_id: int, document_ids: list[int], fingerprint: str | None
+    ) -> list[DocumentContext]:
         """Ready documents in the given order; NotFound/NotReady if any is foreign, missing or not ready.
 
         With a fingerprint, each document's context tree for that model is loaded too (memory-mapped);
@@ -168,11 +177,15 @@ class DocumentService:
         except _MissingTree as missing:
             if self.ensure_tree is None:
                 raise NotReady(str(missing)) from None
-            logger.info("document %s has no tree for model %s: encoding it now", missing.document_id, fingerprint)
+            logger.info(
+                "document %s has no tree for model %s: encoding it now", missing.document_id, fingerprint
+            )
             self.ensure_tree(owner_id, missing.document_id)
             return self._load_for_qa(owner_id, document_ids, fingerprint)
 
-    def _load_for_qa(self, owner_id: int, document_ids: list[int], fingerprint: str | None) -> list[DocumentContext]:
+    def _load_for_qa(
+        self, owner_id: int, document_ids: list[int], fingerprint: str | None
+    ) -> list[DocumentContext]:
         out = []
         with self._sessions() as session:
             for doc_id in document_ids:
@@ -195,7 +208,8 @@ class DocumentService:
                 if fingerprint is not None:
                     record = session.scalar(
                         select(ContextTreeRecord).where(
-                            ContextTreeRecord.document_id == doc.id, ContextTreeRecord.fingerprint == fingerprint
+                            ContextTreeRecord.document_id == doc.id,
+                            ContextTreeRecord.fingerprint == fingerprint,
                         )
                     )
                     if record is None:

@@ -40,9 +40,13 @@ class Engine(Protocol):
     name: str
     needs_tree: bool
 
-    def prepare(self, lm: Any, question: str, docs: list[DocumentContext], history: list[dict[str, str]]) -> Prepared: ...
+    def prepare(
+        self, lm: Any, question: str, docs: list[DocumentContext], history: list[dict[str, str]]
+    ) -> Prepared: ...
 
-    def citations(self, lm: Any, docs: list[DocumentContext], prepared: Prepared, result: Any, k: int) -> list[dict[str, Any]]: ...
+    def citations(
+        self, lm: Any, docs: list[DocumentContext], prepared: Prepared, result: Any, k: int
+    ) -> list[dict[str, Any]]: ...
 
 
 def citation(doc: DocumentContext, page: int, text: str) -> dict[str, Any]:
@@ -69,7 +73,7 @@ def _passage(lm: Any, doc: DocumentContext, token_start: int, token_end: int) ->
         token_start = max(lo, min(token_start, token_end - MIN_PASSAGE_TOKENS))
     text = lm.tokenizer.decode(doc.token_ids[token_start:token_end], skip_special_tokens=True)
     if token_start > lo and " " in text:  # do not start mid-word
-        text = text[text.index(" ") + 1:]
+        text = text[text.index(" ") + 1 :]
     if token_end < hi and " " in text:
         text = text[: text.rindex(" ")]
     return text.strip()
@@ -85,7 +89,11 @@ class SharedLLMEngine:
         t0 = time.perf_counter()
         memory = lm.build_memory([d.tree for d in docs], question=question)
         retrieval_s = time.perf_counter() - t0
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, *history, {"role": "user", "content": question}]
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            *history,
+            {"role": "user", "content": question},
+        ]
         return Prepared(messages, memory, retrieval_s)
 
     def citations(self, lm, docs, prepared, result, k):
@@ -129,13 +137,17 @@ class FullContextEngine:
             ids = lm.tokenizer.encode(doc.text, add_special_tokens=False)
             if len(ids) > per_doc:
                 truncated = True
-                head, tail = ids[: per_doc // 2], ids[-(per_doc - per_doc // 2):]
+                head, tail = ids[: per_doc // 2], ids[-(per_doc - per_doc // 2) :]
                 text = lm.tokenizer.decode(head) + "\n[...]\n" + lm.tokenizer.decode(tail)
             else:
                 text = doc.text
             parts.append(f"Document: {doc.name}\n{text}")
         prompt = "\n\n".join(parts) + f"\n\nQuestion: {question}"
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, *history, {"role": "user", "content": prompt}]
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            *history,
+            {"role": "user", "content": prompt},
+        ]
         return Prepared(messages, None, time.perf_counter() - t0, notes={"truncated": truncated})
 
     def citations(self, lm, docs, prepared, result, k):
@@ -167,14 +179,22 @@ class RagEngine:
         used: list[tuple[int, dict[str, Any]]] = []
         if corpus:
             retriever = bm25s.BM25()
-            retriever.index(bm25s.tokenize([c["text"] for _, c in corpus], show_progress=False), show_progress=False)
+            retriever.index(
+                bm25s.tokenize([c["text"] for _, c in corpus], show_progress=False), show_progress=False
+            )
             k = min(self.top_k, len(corpus))
-            results, _ = retriever.retrieve(bm25s.tokenize([question], show_progress=False), k=k, show_progress=False)
+            results, _ = retriever.retrieve(
+                bm25s.tokenize([question], show_progress=False), k=k, show_progress=False
+            )
             used = [corpus[int(j)] for j in results[0]]  # best first (citations keep this order)
         in_order = sorted(used, key=lambda u: (u[0], u[1]["index"]))  # the prompt reads in document order
         context = "\n\n".join(f"[{docs[i].name}, page {c['page_start']}]\n{c['text']}" for i, c in in_order)
         prompt = f"{context}\n\nQuestion: {question}"
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, *history, {"role": "user", "content": prompt}]
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            *history,
+            {"role": "user", "content": prompt},
+        ]
         return Prepared(messages, None, time.perf_counter() - t0, used=used)
 
     def citations(self, lm, docs, prepared, result, k):

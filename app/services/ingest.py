@@ -27,8 +27,12 @@ class Ingestion:
 
         with self._lock:
             if self._service is None:
-                self._service = IngestionService(self._ctx.sessions, self._ctx.tensors, self._ctx.model(),
-                                                 uploads_dir=self._ctx.settings.uploads_dir)
+                self._service = IngestionService(
+                    self._ctx.sessions,
+                    self._ctx.tensors,
+                    self._ctx.model(),
+                    uploads_dir=self._ctx.settings.uploads_dir,
+                )
             return self._service
 
     def check_file(self, path: Path, name: str | None = None) -> None:
@@ -43,8 +47,9 @@ class Ingestion:
         if not name.lower().endswith(".pdf"):
             raise BadRequest(f"{name}: only PDF files are accepted")
 
-    def ingest_path(self, owner_id: int, path: Path | str, name: str | None = None,
-                    progress: Any | None = None) -> dict[str, Any]:
+    def ingest_path(
+        self, owner_id: int, path: Path | str, name: str | None = None, progress: Any | None = None
+    ) -> dict[str, Any]:
         """Ingest one PDF for owner_id; returns the document as a dict plus `seconds`.
 
         Unusable files come back with their status (needs_password, no_text_layer, failed) and error.

@@ -41,7 +41,11 @@ class AnswerSettings:
         from model import GenerationSettings
 
         return GenerationSettings(
-            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=[]
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=[],
         )
 
 
@@ -64,14 +68,25 @@ class Answer:
 
 
 class QAService:
-    def __init__(self, session_factory: sessionmaker[Session], documents: DocumentService,
-                 model_provider: Callable[[], Any]):
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        documents: DocumentService,
+        model_provider: Callable[[], Any],
+    ):
         self._sessions = session_factory
         self._documents = documents
         self._model = model_provider  # returns the LoadedModel, loading it on first use
 
-    def answer(self, owner_id: int, question: str, document_ids: list[int], conversation_id: int | None,
-               engine: str, settings: AnswerSettings) -> Iterator[str | Answer]:
+    def answer(
+        self,
+        owner_id: int,
+        question: str,
+        document_ids: list[int],
+        conversation_id: int | None,
+        engine: str,
+        settings: AnswerSettings,
+    ) -> Iterator[str | Answer]:
         t_start = time.perf_counter()
         question = question.strip()
         if not question:
@@ -84,7 +99,9 @@ class QAService:
         if not document_ids:
             raise BadRequest("select at least one document to ask about")
         lm = self._model()
-        docs = self._documents.load_for_qa(owner_id, document_ids, lm.fingerprint if impl.needs_tree else None)
+        docs = self._documents.load_for_qa(
+            owner_id, document_ids, lm.fingerprint if impl.needs_tree else None
+        )
 
         prepared = impl.prepare(lm, question, docs, history)
         stream = lm.generate(prepared.messages, memory=prepared.memory, settings=settings.generation())
@@ -106,10 +123,17 @@ class QAService:
             "new_tokens": int(result.new_tokens),
             "tokens_per_s": round(float(result.tokens_per_s), 2),
         }
-        conv_id, message_id = self._save(owner_id, conversation_id, document_ids, engine, question, text,
-                                         citations, timings)
-        logger.info("owner %s conversation %s: %s answered in %.2f s (%d tokens)", owner_id, conv_id, engine,
-                    total_s, timings["new_tokens"])
+        conv_id, message_id = self._save(
+            owner_id, conversation_id, document_ids, engine, question, text, citations, timings
+        )
+        logger.info(
+            "owner %s conversation %s: %s answered in %.2f s (%d tokens)",
+            owner_id,
+            conv_id,
+            engine,
+            total_s,
+            timings["new_tokens"],
+        )
         yield Answer(text, engine, conv_id, citations, timings, message_id, prepared.notes)
 
     def answer_all(self, *args: Any, **kwargs: Any) -> Answer:
@@ -121,26 +145,39 @@ class QAService:
         assert final is not None
         return final
 
-    def _conversation_context(self, owner_id: int, conversation_id: int | None,
-                              document_ids: list[int]) -> tuple[list[dict[str, str]], list[int]]:
+    def _conversation_context(
+        self, owner_id: int, conversation_id: int | None, document_ids: list[int]
+    ) -> tuple[list[dict[str, str]], list[int]]:
         """Earlier turns (as chat messages) and the document selection; an existing conversation keeps
         its documents unless the caller selects others."""
         if conversation_id is None:
             return [], list(dict.fromkeys(document_ids))
         with self._sessions() as session:
             conv = owned_conversation(session, owner_id, conversation_id)
-            turns = [m for m in conv.messages if m.role in ("user", "assistant")][-2 * HISTORY_TURNS:]
+            turns = [m for m in conv.messages if m.role in ("user", "assistant")][-2 * HISTORY_TURNS :]
             history = [{"role": m.role, "content": m.text} for m in turns]
             ids = list(dict.fromkeys(document_ids)) or list(conv.document_ids or [])
             return history, ids
 
-    def _save(self, owner_id: int, conversation_id: int | None, document_ids: list[int], engine: str,
-              question: str, text: str, citations: list[dict[str, Any]],
-              timings: dict[str, float]) -> tuple[int, int]:
+    def _save(
+        self,
+        owner_id: int,
+        conversation_id: int | None,
+        document_ids: list[int],
+        engine: str,
+        question: str,
+        text: str,
+        citations: list[dict[str, Any]],
+        timings: dict[str, float],
+    ) -> tuple[int, int]:
         with self._sessions.begin() as session:
             if conversation_id is None:
-                conv = Conversation(owner_id=owner_id, title=title_from_question(question),
-                                    document_ids=document_ids, engine=engine)
+                conv = Conversation(
+                    owner_id=owner_id,
+                    title=title_from_question(question),
+                    document_ids=document_ids,
+                    engine=engine,
+                )
                 session.add(conv)
                 session.flush()
             else:
@@ -150,8 +187,14 @@ class QAService:
                 if not conv.title:
                     conv.title = title_from_question(question)
             session.add(Message(conversation_id=conv.id, role="user", text=question, engine=engine))
-            reply = Message(conversation_id=conv.id, role="assistant", text=text, citations=citations,
-                            timings=timings, engine=engine)
+            reply = Message(
+                conversation_id=conv.id,
+                role="assistant",
+                text=text,
+                citations=citations,
+                timings=timings,
+                engine=engine,
+            )
             session.add(reply)
             session.flush()
             return conv.id, reply.id

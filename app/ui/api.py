@@ -19,13 +19,22 @@ from app.ui.pages import Pages
 
 class Api(Pages):
     def register(self) -> None:
-        for fn in (self.list_documents, self.get_document, self.page_text, self.delete_document, self.ask,
-                   self.list_conversations, self.get_conversation, self.export_conversation):
+        for fn in (
+            self.list_documents,
+            self.get_document,
+            self.page_text,
+            self.delete_document,
+            self.ask,
+            self.list_conversations,
+            self.get_conversation,
+            self.export_conversation,
+        ):
             gr.api(self._guard(fn), api_name=fn.__name__)
 
     @staticmethod
     def _guard(fn):
         """Service errors become gr.Error (a clean message for the client)."""
+
         def wrapped(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
@@ -51,13 +60,27 @@ class Api(Pages):
     def delete_document(self, document_id: int, request: gr.Request) -> dict[str, Any]:
         return self.ctx.documents.delete(self.owner_id(request), int(document_id))
 
-    def ask(self, question: str, document_ids: list[int], conversation_id: int | None = None,
-            engine: str = "sharedllm", max_new_tokens: int = 256, request: gr.Request = None) -> dict[str, Any]:
+    def ask(
+        self,
+        question: str,
+        document_ids: list[int],
+        conversation_id: int | None = None,
+        engine: str = "sharedllm",
+        max_new_tokens: int = 256,
+        request: gr.Request = None,
+    ) -> dict[str, Any]:
         """Answer a question (non-streaming): the same record as `sharedllm ask --json`."""
-        settings = AnswerSettings(max_new_tokens=int(max_new_tokens), max_citations=self.ctx.settings.max_citations)
-        final = self.ctx.qa.answer_all(self.owner_id(request), question, [int(i) for i in document_ids or []],
-                                       None if conversation_id in (None, "") else int(conversation_id), engine,
-                                       settings)
+        settings = AnswerSettings(
+            max_new_tokens=int(max_new_tokens), max_citations=self.ctx.settings.max_citations
+        )
+        final = self.ctx.qa.answer_all(
+            self.owner_id(request),
+            question,
+            [int(i) for i in document_ids or []],
+            None if conversation_id in (None, "") else int(conversation_id),
+            engine,
+            settings,
+        )
         return final.to_dict()
 
     def list_conversations(self, request: gr.Request) -> list[dict[str, Any]]:

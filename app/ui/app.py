@@ -19,9 +19,6 @@ CSS = """
 #account-bar { align-items: center; }
 """
 
-# How often (seconds) an open page refreshes its library, so statuses of uploads made elsewhere show.
-LIBRARY_REFRESH_S = 10
-
 
 class DocQAApp:
     def __init__(self, ctx: AppContext):
@@ -58,25 +55,45 @@ class DocQAApp:
         demo.load(lib.refresh, None, library_out, **private)
 
         lib.upload.click(lib.ingest_files, lib.files, lib.progress, show_progress="hidden", **private).then(
-            lib.refresh, None, library_out, **private).then(
-            chat.sidebar, chat.conversation_id, sidebar_out, **private).then(
-            lambda: None, None, lib.files, **private)
+            lib.refresh, None, library_out, **private
+        ).then(chat.sidebar, chat.conversation_id, sidebar_out, **private).then(
+            lambda: None, None, lib.files, **private
+        )
         lib.delete.click(lib.delete_selected, lib.to_delete, lib.message, **private).then(
-            lib.refresh, None, library_out, **private).then(
-            chat.sidebar, chat.conversation_id, sidebar_out, **private)
+            lib.refresh, None, library_out, **private
+        ).then(chat.sidebar, chat.conversation_id, sidebar_out, **private)
         lib.refresh_button.click(lib.refresh, None, library_out, **private)
 
-        ask_in = [chat.question, chat.chatbot, chat.conversation_id, chat.documents, *self.settings_page.inputs]
-        ask_out = [chat.chatbot, chat.question, chat.conversation_id, chat.conversations, chat.cited, chat.stats]
+        ask_in = [
+            chat.question,
+            chat.chatbot,
+            chat.conversation_id,
+            chat.documents,
+            *self.settings_page.inputs,
+        ]
+        ask_out = [
+            chat.chatbot,
+            chat.question,
+            chat.conversation_id,
+            chat.conversations,
+            chat.cited,
+            chat.stats,
+        ]
         for trigger in (chat.send.click, chat.question.submit):
             trigger(chat.ask, ask_in, ask_out, show_progress="minimal", **private)
 
-        chat.conversations.input(chat.open_conversation, chat.conversations,
-                                 [chat.chatbot, chat.documents, chat.conversation_id, chat.cited, chat.stats],
-                                 **private)
-        chat.new_chat.click(chat.new_conversation, None,
-                            [chat.chatbot, chat.conversation_id, chat.conversations, chat.cited, chat.page_text,
-                             chat.stats], **private)
+        chat.conversations.input(
+            chat.open_conversation,
+            chat.conversations,
+            [chat.chatbot, chat.documents, chat.conversation_id, chat.cited, chat.stats],
+            **private,
+        )
+        chat.new_chat.click(
+            chat.new_conversation,
+            None,
+            [chat.chatbot, chat.conversation_id, chat.conversations, chat.cited, chat.page_text, chat.stats],
+            **private,
+        )
         chat.cited.change(chat.show_page, chat.cited, chat.page_text, **private)
         for button, fmt in ((chat.export_md, "md"), (chat.export_json, "json"), (chat.export_pdf, "pdf")):
             button.click(chat.export_as(fmt), chat.conversation_id, chat.export_file, **private)

@@ -48,8 +48,9 @@ class AccountBar(Pages):
         with gr.Row(elem_id="account-bar"):
             gr.Markdown("## SharedLLM DocQA", elem_id="app-title")
             self.who = gr.Markdown("", elem_id="signed-in-as")
-            self.logout = gr.Button("Log out", link="/logout", size="sm", scale=0,
-                                    visible=self.ctx.auth.has_accounts())
+            self.logout = gr.Button(
+                "Log out", link="/logout", size="sm", scale=0, visible=self.ctx.auth.has_accounts()
+            )
 
     def signed_in(self, request: gr.Request) -> str:
         username = getattr(request, "username", None)
@@ -60,11 +61,16 @@ class AccountBar(Pages):
 class SettingsPage(Pages):
     def render(self) -> None:
         s = self.ctx.settings
-        self.engine = gr.Radio(list(ENGINES), value=s.engine, label="Engine",
-                               info="sharedllm: the method; full: document in the prompt; rag: BM25 chunks")
+        self.engine = gr.Radio(
+            list(ENGINES),
+            value=s.engine,
+            label="Engine",
+            info="sharedllm: the method; full: document in the prompt; rag: BM25 chunks",
+        )
         self.max_new_tokens = gr.Slider(16, 1024, value=s.max_new_tokens, step=16, label="Max new tokens")
-        self.temperature = gr.Slider(0.0, 1.5, value=s.temperature, step=0.05, label="Temperature",
-                                     info="0 = greedy (reproducible)")
+        self.temperature = gr.Slider(
+            0.0, 1.5, value=s.temperature, step=0.05, label="Temperature", info="0 = greedy (reproducible)"
+        )
 
     @property
     def inputs(self) -> list[gr.components.Component]:
@@ -77,22 +83,39 @@ class LibraryPage(Pages):
 
     def render(self) -> None:
         mb = self.ctx.settings.max_upload_mb
-        self.files = gr.File(file_count="multiple", file_types=[".pdf"], label=f"Upload PDFs (up to {mb} MB each)",
-                             elem_id="upload-files")
+        self.files = gr.File(
+            file_count="multiple",
+            file_types=[".pdf"],
+            label=f"Upload PDFs (up to {mb} MB each)",
+            elem_id="upload-files",
+        )
         self.upload = gr.Button("Add to library", variant="primary", elem_id="upload-button")
         self.progress = gr.HTML(render.progress_html([]), elem_id="upload-progress")
-        self.table = gr.Dataframe(headers=render.LIBRARY_HEADERS, value=[], interactive=False,
-                                  label="Documents", elem_id="library-table", wrap=True)
+        self.table = gr.Dataframe(
+            headers=render.LIBRARY_HEADERS,
+            value=[],
+            interactive=False,
+            label="Documents",
+            elem_id="library-table",
+            wrap=True,
+        )
         with gr.Row():
-            self.to_delete = gr.Dropdown(choices=[], multiselect=True, label="Select documents to delete",
-                                         elem_id="delete-select", scale=3)
+            self.to_delete = gr.Dropdown(
+                choices=[],
+                multiselect=True,
+                label="Select documents to delete",
+                elem_id="delete-select",
+                scale=3,
+            )
             self.delete = gr.Button("Delete selected", variant="stop", elem_id="delete-button", scale=1)
             self.refresh_button = gr.Button("Refresh", scale=0)
         self.message = gr.Markdown("", elem_id="library-message")
 
     def refresh(self, request: gr.Request):
         docs = self.ctx.documents.list(self.owner_id(request))
-        return render.library_rows(docs), gr.update(choices=render.document_choices(docs, ready_only=False), value=[])
+        return render.library_rows(docs), gr.update(
+            choices=render.document_choices(docs, ready_only=False), value=[]
+        )
 
     def ingest_files(self, files: list[str] | None, request: gr.Request):
         """Generator: ingests the files one after another, yielding the per-file progress table."""
@@ -102,7 +125,7 @@ class LibraryPage(Pages):
             raise gr.Error("choose one or more PDF files first")
         rows = [{"name": p.name, "status": "queued", "fraction": 0.0} for p in paths]
         yield render.progress_html(rows)
-        for row, path in zip(rows, paths):
+        for row, path in zip(rows, paths, strict=True):
             yield from self._ingest_one(owner, row, path, rows)
         ok = sum(r["status"] == "ready" for r in rows)
         logger.info("owner %s uploaded %d file(s), %d ready", owner, len(rows), ok)
@@ -123,7 +146,9 @@ class LibraryPage(Pages):
 
         def work() -> None:
             try:
-                events.put(("done", self.ctx.ingestion.ingest_path(owner, path, name=name, progress=progress)))
+                events.put(
+                    ("done", self.ctx.ingestion.ingest_path(owner, path, name=name, progress=progress))
+                )
             except Exception as exc:  # reported in the table; the traceback goes to the log
                 logger.exception("ingestion of %s failed", name)
                 events.put(("error", str(exc)))
@@ -139,9 +164,11 @@ class LibraryPage(Pages):
             if event[0] == "progress":
                 _, stage, done, total = event
                 # extraction is the first 20 % of the bar, encoding the rest
-                frac = (done / total if total else 0.0)
-                row.update(status="encoding" if stage == "encode" else "extracting",
-                           fraction=0.2 + 0.8 * frac if stage == "encode" else 0.2 * frac)
+                frac = done / total if total else 0.0
+                row.update(
+                    status="encoding" if stage == "encode" else "extracting",
+                    fraction=0.2 + 0.8 * frac if stage == "encode" else 0.2 * frac,
+                )
             elif event[0] == "done":
                 doc = event[1]
                 row.update(status=doc["status"], error=doc.get("error") or "", id=doc["id"])
@@ -174,20 +201,33 @@ class ChatPage(Pages):
             with gr.Column(scale=1, min_width=260):
                 self.new_chat = gr.Button("New chat", elem_id="new-chat")
                 self.conversations = gr.Radio(choices=[], label="Conversations", elem_id="conversation-list")
-                self.documents = gr.CheckboxGroup(choices=[], label="Ask about these documents",
-                                                  elem_id="chat-documents")
+                self.documents = gr.CheckboxGroup(
+                    choices=[], label="Ask about these documents", elem_id="chat-documents"
+                )
             with gr.Column(scale=3):
-                self.chatbot = gr.Chatbot(value=[], label="Chat", elem_id="chatbot", height=460,
-                                          buttons=["copy"], feedback_options=None)
+                self.chatbot = gr.Chatbot(
+                    value=[],
+                    label="Chat",
+                    elem_id="chatbot",
+                    height=460,
+                    buttons=["copy"],
+                    feedback_options=None,
+                )
                 with gr.Row():
-                    self.question = gr.Textbox(placeholder="Ask a question about the selected documents",
-                                               show_label=False, scale=5, elem_id="question", lines=1)
+                    self.question = gr.Textbox(
+                        placeholder="Ask a question about the selected documents",
+                        show_label=False,
+                        scale=5,
+                        elem_id="question",
+                        lines=1,
+                    )
                     self.send = gr.Button("Ask", variant="primary", scale=1, elem_id="ask-button")
                 self.stats = gr.Markdown("", elem_id="answer-stats")
                 with gr.Accordion("View a cited page", open=False, elem_id="page-viewer"):
                     self.cited = gr.Dropdown(choices=[], label="Cited page", elem_id="cited-page")
-                    self.page_text = gr.Textbox(label="Page text", lines=10, interactive=False,
-                                                elem_id="page-text", buttons=["copy"])
+                    self.page_text = gr.Textbox(
+                        label="Page text", lines=10, interactive=False, elem_id="page-text", buttons=["copy"]
+                    )
                 with gr.Row(elem_id="export-row"):
                     self.export_md = gr.Button("Export Markdown", size="sm", elem_id="export-md")
                     self.export_json = gr.Button("Export JSON", size="sm", elem_id="export-json")
@@ -200,8 +240,10 @@ class ChatPage(Pages):
         owner = self.owner_id(request)
         docs = self.ctx.documents.list(owner)
         convs = self.ctx.conversations.list(owner)
-        return (gr.update(choices=render.conversation_choices(convs), value=conversation_id),
-                gr.update(choices=render.document_choices(docs, ready_only=True)))
+        return (
+            gr.update(choices=render.conversation_choices(convs), value=conversation_id),
+            gr.update(choices=render.document_choices(docs, ready_only=True)),
+        )
 
     def open_conversation(self, conversation_id: int | None, request: gr.Request):
         if conversation_id is None:
@@ -215,16 +257,29 @@ class ChatPage(Pages):
         ready = {d["id"] for d in self.ctx.documents.list(owner) if d["status"] == "ready"}
         last = next((m for m in reversed(messages) if m["role"] == "assistant"), None)
         stats = render.timing_markdown(last["engine"] or "", last["timings"]) if last else ""
-        return (render.chat_messages(messages), [i for i in conv["document_ids"] if i in ready], conv["id"],
-                gr.update(choices=render.citation_choices(messages), value=None), stats)
+        return (
+            render.chat_messages(messages),
+            [i for i in conv["document_ids"] if i in ready],
+            conv["id"],
+            gr.update(choices=render.citation_choices(messages), value=None),
+            stats,
+        )
 
     def new_conversation(self):
         return [], None, gr.update(value=None), gr.update(choices=[], value=None), "", ""
 
     # asking ---------------------------------------------------------------------------------------------
-    def ask(self, question: str, history: list[dict[str, Any]] | None, conversation_id: int | None,
-            document_ids: list[int] | None, engine: str, max_new_tokens: float, temperature: float,
-            request: gr.Request):
+    def ask(
+        self,
+        question: str,
+        history: list[dict[str, Any]] | None,
+        conversation_id: int | None,
+        document_ids: list[int] | None,
+        engine: str,
+        max_new_tokens: float,
+        temperature: float,
+        request: gr.Request,
+    ):
         """Generator: streams the answer into the chat, then adds its sources and timings."""
         owner = self.owner_id(request)
         history = list(history or [])
@@ -233,12 +288,16 @@ class ChatPage(Pages):
             raise gr.Error("type a question first")
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         yield history, "", conversation_id, gr.update(), gr.update(), "Thinking…"
-        settings = AnswerSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                  max_citations=self.ctx.settings.max_citations)
+        settings = AnswerSettings(
+            max_new_tokens=int(max_new_tokens),
+            temperature=float(temperature),
+            max_citations=self.ctx.settings.max_citations,
+        )
         text = ""
         try:
-            for item in self.ctx.qa.answer(owner, question, [int(i) for i in document_ids or []],
-                                           conversation_id, engine, settings):
+            for item in self.ctx.qa.answer(
+                owner, question, [int(i) for i in document_ids or []], conversation_id, engine, settings
+            ):
                 if isinstance(item, Answer):
                     final = item
                     break
@@ -249,13 +308,20 @@ class ChatPage(Pages):
             history[-1] = {"role": "assistant", "content": f"**Cannot answer:** {exc}"}
             yield history, question, conversation_id, gr.update(), gr.update(), ""
             return
-        history[-1] = {"role": "assistant", "content": render.assistant_content(final.answer, final.citations)}
+        history[-1] = {
+            "role": "assistant",
+            "content": render.assistant_content(final.answer, final.citations),
+        }
         convs = self.ctx.conversations.list(owner)
         messages = self.ctx.conversations.messages(owner, final.conversation)
-        yield (history, "", final.conversation,
-               gr.update(choices=render.conversation_choices(convs), value=final.conversation),
-               gr.update(choices=render.citation_choices(messages), value=None),
-               render.timing_markdown(final.engine, final.timings))
+        yield (
+            history,
+            "",
+            final.conversation,
+            gr.update(choices=render.conversation_choices(convs), value=final.conversation),
+            gr.update(choices=render.citation_choices(messages), value=None),
+            render.timing_markdown(final.engine, final.timings),
+        )
 
     def show_page(self, key: str | None, request: gr.Request) -> str:
         if not key:
@@ -283,4 +349,3 @@ class ChatPage(Pages):
 
         handler.__name__ = f"export_{fmt}"
         return handler
-

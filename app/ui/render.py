@@ -56,8 +56,10 @@ def progress_html(files: list[dict[str, Any]]) -> str:
             f"<td class='file-status'>{html.escape(STATUS_LABELS.get(status, status))}</td>"
             f"<td class='file-note'>{note}</td></tr>"
         )
-    return ("<table class='upload-progress'><thead><tr><th>File</th><th>Progress</th><th>Status</th>"
-            "<th>Details</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    return (
+        "<table class='upload-progress'><thead><tr><th>File</th><th>Progress</th><th>Status</th>"
+        "<th>Details</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+    )
 
 
 def sources_markdown(citations: list[dict[str, Any]]) -> str:
@@ -75,9 +77,11 @@ def sources_markdown(citations: list[dict[str, Any]]) -> str:
 def timing_markdown(engine: str, timings: dict[str, Any]) -> str:
     if not timings:
         return ""
-    return (f"{engine} · retrieval {timings.get('retrieval_s', 0):.2f} s · first token "
-            f"{timings.get('ttft_s', 0):.2f} s · total {timings.get('total_s', 0):.2f} s · "
-            f"{timings.get('new_tokens', 0)} tokens at {timings.get('tokens_per_s', 0):.1f}/s")
+    return (
+        f"{engine} · retrieval {timings.get('retrieval_s', 0):.2f} s · first token "
+        f"{timings.get('ttft_s', 0):.2f} s · total {timings.get('total_s', 0):.2f} s · "
+        f"{timings.get('new_tokens', 0)} tokens at {timings.get('tokens_per_s', 0):.1f}/s"
+    )
 
 
 def assistant_content(text: str, citations: list[dict[str, Any]]) -> str:
@@ -91,7 +95,9 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
         if m["role"] == "user":
             out.append({"role": "user", "content": m["text"]})
         elif m["role"] == "assistant":
-            out.append({"role": "assistant", "content": assistant_content(m["text"], m.get("citations") or [])})
+            out.append(
+                {"role": "assistant", "content": assistant_content(m["text"], m.get("citations") or [])}
+            )
     return out
 
 

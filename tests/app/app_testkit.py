@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from app.services.documents import TOKEN_IDS_KEY
 from storage import Chunk, ContextTreeRecord, Document, DocumentStatus, Page
+
+if TYPE_CHECKING:
+    from app.services.context import AppContext
 
 
 def make_ready_document(ctx: AppContext, owner_id: int, name: str, pages: list[str]) -> int:
@@ -24,9 +28,15 @@ def make_ready_document(ctx: AppContext, owner_id: int, name: str, pages: list[s
     tensors = tree.to_tensors()
     tensors[TOKEN_IDS_KEY] = torch.tensor(ids, dtype=torch.int32)
     with ctx.sessions.begin() as session:
-        doc = Document(owner_id=owner_id, sha256=f"{name}-{owner_id}".ljust(64, "0")[:64], name=name,
-                       size_bytes=sum(len(p) for p in pages), pages=len(pages), tokens=len(ids),
-                       status=DocumentStatus.READY.value)
+        doc = Document(
+            owner_id=owner_id,
+            sha256=f"{name}-{owner_id}".ljust(64, "0")[:64],
+            name=name,
+            size_bytes=sum(len(p) for p in pages),
+            pages=len(pages),
+            tokens=len(ids),
+            status=DocumentStatus.READY.value,
+        )
         session.add(doc)
         session.flush()
         for number, start, end, text in spans:
@@ -34,11 +44,27 @@ def make_ready_document(ctx: AppContext, owner_id: int, name: str, pages: list[s
         for index, start in enumerate(range(0, len(ids), chunk_len)):
             end = min(start + chunk_len, len(ids))
             inside = [n for n, s, e, _ in spans if s < end and e > start]
-            session.add(Chunk(document_id=doc.id, index=index, token_start=start, token_end=end,
-                              page_start=min(inside), page_end=max(inside), text=lm.tokenizer.decode(ids[start:end])))
+            session.add(
+                Chunk(
+                    document_id=doc.id,
+                    index=index,
+                    token_start=start,
+                    token_end=end,
+                    page_start=min(inside),
+                    page_end=max(inside),
+                    text=lm.tokenizer.decode(ids[start:end]),
+                )
+            )
         stored = ctx.tensors.save(doc.id, lm.fingerprint, tensors)
-        session.add(ContextTreeRecord(document_id=doc.id, fingerprint=lm.fingerprint, path=stored.path,
-                                      sha256=stored.sha256, bytes=stored.bytes))
+        session.add(
+            ContextTreeRecord(
+                document_id=doc.id,
+                fingerprint=lm.fingerprint,
+                path=stored.path,
+                sha256=stored.sha256,
+                bytes=stored.bytes,
+            )
+        )
         return doc.id
 
 
@@ -81,6 +107,8 @@ def launch_app(ctx, port: int | None = None):
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=ctx.settings.concurrency_limit, max_size=ctx.settings.queue_max_size)
     kwargs = launch_kwargs(ctx)
-    kwargs.update(server_name="127.0.0.1", server_port=port or free_port(), prevent_thread_lock=True, quiet=True)
+    kwargs.update(
+        server_name="127.0.0.1", server_port=port or free_port(), prevent_thread_lock=True, quiet=True
+    )
     _, url, _ = demo.launch(**kwargs)
     return demo, url.rstrip("/")

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from app_testkit import CONTRACT_PAGES, make_ready_document, write_pdf
 
 from app.config import Settings
 from app.services.context import AppContext
-from app_testkit import CONTRACT_PAGES, make_ready_document, write_pdf
 
 
 @pytest.fixture
@@ -48,4 +48,3 @@ def two_users(ctx):
 @pytest.fixture
 def contract_pdf(tmp_path) -> Path:
     return write_pdf(tmp_path / "contract.pdf", CONTRACT_PAGES)
-

@@ -35,12 +35,19 @@ def test_ingest_docs_ask_export_rm(cli, contract_pdf, tmp_path):
     assert code == 0, err
     [doc] = one_json(out)["documents"]
     assert set(doc) >= {"id", "name", "pages", "tokens", "status", "seconds"}
-    assert doc["status"] == "ready" and doc["pages"] == 3 and doc["name"] == "contract.pdf" and doc["tokens"] > 50
+    assert (
+        doc["status"] == "ready"
+        and doc["pages"] == 3
+        and doc["name"] == "contract.pdf"
+        and doc["tokens"] > 50
+    )
 
     code, out, _ = cli("docs", "--json")
     assert code == 0 and [d["id"] for d in one_json(out)["documents"]] == [doc["id"]]
 
-    code, out, err = cli("ask", "What is the annual fee?", "--doc", str(doc["id"]), "--max-new-tokens", "4", "--json")
+    code, out, err = cli(
+        "ask", "What is the annual fee?", "--doc", str(doc["id"]), "--max-new-tokens", "4", "--json"
+    )
     assert code == 0, err
     answer = one_json(out)
     assert set(answer) == {"answer", "engine", "conversation", "citations", "timings"}
@@ -48,8 +55,19 @@ def test_ingest_docs_ask_export_rm(cli, contract_pdf, tmp_path):
     assert answer["citations"] and {"document", "page", "text"} <= set(answer["citations"][0])
 
     # --doc FILE.pdf with the same bytes reuses the stored document; --conversation continues
-    code, out, _ = cli("ask", "And the notice period?", "--doc", str(contract_pdf), "--conversation",
-                       str(answer["conversation"]), "--engine", "rag", "--max-new-tokens", "3", "--json")
+    code, out, _ = cli(
+        "ask",
+        "And the notice period?",
+        "--doc",
+        str(contract_pdf),
+        "--conversation",
+        str(answer["conversation"]),
+        "--engine",
+        "rag",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    )
     second = one_json(out)
     assert code == 0 and second["conversation"] == answer["conversation"] and second["engine"] == "rag"
     assert one_json(cli("docs", "--json")[1])["documents"][0]["id"] == doc["id"]
@@ -100,7 +118,9 @@ def test_bad_pdf_gives_status_and_nonzero_exit(cli, tmp_path):
 
 
 def test_users_add_list_rm_and_acting_user(cli, contract_pdf):
-    code, out, err = cli("users", "add", "alice", "--admin", "--password-stdin", "--json", stdin="alice-password-1\n")
+    code, out, err = cli(
+        "users", "add", "alice", "--admin", "--password-stdin", "--json", stdin="alice-password-1\n"
+    )
     assert code == 0, err
     assert one_json(out)["user"]["username"] == "alice"
     code, out, _ = cli("users", "list", "--json")
@@ -117,7 +137,9 @@ def test_users_add_list_rm_and_acting_user(cli, contract_pdf):
 
 
 def test_console_script_help():
-    exe = subprocess.run([sys.executable, "-m", "app.cli", "--help"], capture_output=True, text=True, timeout=120)
+    exe = subprocess.run(
+        [sys.executable, "-m", "app.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert exe.returncode == 0
     for command in ("serve", "ingest", "docs", "ask", "export", "users"):
         assert command in exe.stdout

@@ -9,11 +9,17 @@ def test_defaults():
     s = Settings.load(environ={})
     assert s.data_dir == Path("data")
     assert s.port == 7860 and s.host == "127.0.0.1"
-    assert s.resolved_database_url.startswith("sqlite:///") and s.resolved_database_url.endswith("data/sharedllm.db")
+    assert s.resolved_database_url.startswith("sqlite:///") and s.resolved_database_url.endswith(
+        "data/sharedllm.db"
+    )
 
 
 def test_env_then_flags():
-    env = {"SHAREDLLM_DATA_DIR": "/tmp/x", "SHAREDLLM_PORT": "8000", "SHAREDLLM_DATABASE_URL": "postgresql+psycopg://u@h/db"}
+    env = {
+        "SHAREDLLM_DATA_DIR": "/tmp/x",
+        "SHAREDLLM_PORT": "8000",
+        "SHAREDLLM_DATABASE_URL": "postgresql+psycopg://u@h/db",
+    }
     s = Settings.load(environ=env)
     assert s.data_dir == Path("/tmp/x") and s.port == 8000
     assert s.resolved_database_url == "postgresql+psycopg://u@h/db"

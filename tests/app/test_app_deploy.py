@@ -68,6 +68,11 @@ def test_docker_compose_config_if_available():
     if probe.returncode != 0:
         pytest.skip("docker compose plugin not installed")
     env = {"SHAREDLLM_ADMIN_PASSWORD": "x" * 12, "PATH": "/usr/bin:/bin:/usr/local/bin"}
-    result = subprocess.run(["docker", "compose", "--profile", "postgres", "config", "-q"], cwd=REPO, env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["docker", "compose", "--profile", "postgres", "config", "-q"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr

@@ -16,14 +16,36 @@ TRANSCRIPT = {
     "documents": [{"id": 3, "name": "contract.pdf"}],
     "messages": [
         {"role": "user", "text": "What is the annual fee?", "citations": [], "timings": {}},
-        {"role": "assistant", "text": "The annual fee is 12,500 €.", "engine": "sharedllm",
-         "citations": [{"document": 3, "name": "contract.pdf", "page": 2,
-                        "text": "The annual fee is 12,500 euros, payable in advance."}],
-         "timings": {"retrieval_s": 0.01, "ttft_s": 0.2, "total_s": 1.5, "new_tokens": 9, "tokens_per_s": 7.0}},
+        {
+            "role": "assistant",
+            "text": "The annual fee is 12,500 €.",
+            "engine": "sharedllm",
+            "citations": [
+                {
+                    "document": 3,
+                    "name": "contract.pdf",
+                    "page": 2,
+                    "text": "The annual fee is 12,500 euros, payable in advance.",
+                }
+            ],
+            "timings": {
+                "retrieval_s": 0.01,
+                "ttft_s": 0.2,
+                "total_s": 1.5,
+                "new_tokens": 9,
+                "tokens_per_s": 7.0,
+            },
+        },
         {"role": "user", "text": "Notice period — Kündigungsfrist?", "citations": [], "timings": {}},
-        {"role": "assistant", "text": "Ninety days.", "engine": "rag",
-         "citations": [{"document": 3, "name": "contract.pdf", "page": 3, "text": "ninety days written notice"}],
-         "timings": {}},
+        {
+            "role": "assistant",
+            "text": "Ninety days.",
+            "engine": "rag",
+            "citations": [
+                {"document": 3, "name": "contract.pdf", "page": 3, "text": "ninety days written notice"}
+            ],
+            "timings": {},
+        },
     ],
 }
 
@@ -31,8 +53,15 @@ TRANSCRIPT = {
 def test_markdown_has_questions_answers_passages_and_pages():
     md = to_markdown(TRANSCRIPT)
     assert md.startswith("# Fees and termination")
-    for needle in ("## Question", "What is the annual fee?", "The annual fee is 12,500 €.",
-                   "*contract.pdf, p. 2*", "payable in advance", "*contract.pdf, p. 3*", "first token 0.20 s"):
+    for needle in (
+        "## Question",
+        "What is the annual fee?",
+        "The annual fee is 12,500 €.",
+        "*contract.pdf, p. 2*",
+        "payable in advance",
+        "*contract.pdf, p. 3*",
+        "first token 0.20 s",
+    ):
         assert needle in md
 
 
@@ -44,7 +73,13 @@ def test_pdf_is_valid_and_unicode_text_survives():
     data = export(TRANSCRIPT, "pdf")
     assert data.startswith(b"%PDF")
     text = " ".join(page.extract_text() for page in PdfReader(io.BytesIO(data)).pages)
-    for needle in ("What is the annual fee?", "contract.pdf, p. 2", "payable in advance", "€", "Kündigungsfrist"):
+    for needle in (
+        "What is the annual fee?",
+        "contract.pdf, p. 2",
+        "payable in advance",
+        "€",
+        "Kündigungsfrist",
+    ):
         assert needle in text, needle
 
 

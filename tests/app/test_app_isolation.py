@@ -7,12 +7,11 @@ Checked twice: through the services directly and through the running web app wit
 from __future__ import annotations
 
 import pytest
+from app_testkit import launch_app
 from gradio_client import Client
 
 from app.services import ServiceError
 from app.services.qa import AnswerSettings
-
-from app_testkit import launch_app
 
 PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22"}
 A_PAGES = ["Alice secret page. The launch code is PELICAN-7.", "Alice page two. Budget is 9 million."]
@@ -38,8 +37,9 @@ class ServiceUser:
         return self.ctx.documents.delete(self.owner, doc)
 
     def ask(self, question, docs, conversation=None):
-        return self.ctx.qa.answer_all(self.owner, question, docs, conversation, "sharedllm",
-                                      AnswerSettings(max_new_tokens=3)).to_dict()
+        return self.ctx.qa.answer_all(
+            self.owner, question, docs, conversation, "sharedllm", AnswerSettings(max_new_tokens=3)
+        ).to_dict()
 
     def list_conversations(self):
         return self.ctx.conversations.list(self.owner)

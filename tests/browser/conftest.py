@@ -9,8 +9,14 @@ import pytest
 
 CHROMIUM = os.environ.get("SHAREDLLM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
 ]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
@@ -18,7 +24,10 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 @pytest.fixture(scope="session")
 def browser():
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"BROWSER TESTS SKIPPED: {CHROMIUM} not found (apt-get install chromium; `make test` does it as root)")
+        pytest.skip(
+            f"BROWSER TESTS SKIPPED: {CHROMIUM} not found "
+            "(apt-get install chromium; `make test` does it as root)"
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

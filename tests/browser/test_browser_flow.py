@@ -56,7 +56,11 @@ def test_login_upload_ask_cite_export(server, browser, artifacts_dir, tmp_path):
         page.locator("#upload-progress tr[data-status=failed]").wait_for(timeout=60_000)
         good = page.locator("#upload-progress tr[data-status=ready]").inner_text()
         bad = page.locator("#upload-progress tr[data-status=failed]").inner_text()
-        assert "service-agreement.pdf" in good and "scan-corrupt.pdf" in bad and len(bad) > len("scan-corrupt.pdf failed")
+        assert (
+            "service-agreement.pdf" in good
+            and "scan-corrupt.pdf" in bad
+            and len(bad) > len("scan-corrupt.pdf failed")
+        )
         expect(page.locator("#library-table")).to_contain_text("service-agreement.pdf")
         page.screenshot(path=str(artifacts_dir / "browser-library.png"), full_page=True)
 
@@ -89,7 +93,8 @@ def test_login_upload_ask_cite_export(server, browser, artifacts_dir, tmp_path):
         expected = CONTRACT_PAGES[cited_pages[0] - 1].split(".")[0]
         page.wait_for_function(
             "([sel, want]) => document.querySelector(sel).value.includes(want)",
-            arg=["#page-text textarea", expected])
+            arg=["#page-text textarea", expected],
+        )
 
         # export Markdown
         page.locator("#export-md").click()
@@ -106,8 +111,10 @@ def test_login_upload_ask_cite_export(server, browser, artifacts_dir, tmp_path):
 
     if FEE_PAGE not in cited_pages[:1]:
         if not default_model_trained(ctx):
-            pytest.xfail(f"citations {cited_pages} do not lead with page {FEE_PAGE}: the default model has no "
-                         "trained SharedLLM weights yet, so attention is not query-aware")
+            pytest.xfail(
+                f"citations {cited_pages} do not lead with page {FEE_PAGE}: the default model has no "
+                "trained SharedLLM weights yet, so attention is not query-aware"
+            )
         pytest.fail(f"expected the fee page {FEE_PAGE} to be cited first, got {cited_pages}")
 
 
