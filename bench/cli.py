@@ -1,0 +1,173 @@
+"""`python -m bench` / `sharedllm bench`: quality and speed of the three engines on the same work.
+
+    python -m bench speed   [--lengths 4096,16384] [--long]      # per engine: ingest, TTFT, decode, RSS, disk
+    python -m bench model   [--lengths 4096]                     # engine level: encode, search+gather, ours vs HF
+    python -m bench ingest  [--pdf nettle-manual]                # real PDF, time split, bytes per token
+    python -m bench quality [--needle-lengths ...] [--qa-pdfs ...]  # needle grid, real-PDF QA, perplexity
+    python -m bench smoke                                        # all of the above, tiny model, seconds
+    python -m bench all                                          # speed, model, ingest, quality
+
+Common options: --weights DIR / --init-mode copy|zero (trained vs copy-init vs zero-init),
+--model PATH, --data-dir DIR (model cache), --out FILE.md, --img-dir DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import shutil
+import tempfile
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("bench")
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = ("speed", "model", "ingest", "quality")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(float(x.lower().replace("k", "")) * (1024 if "k" in x.lower() else 1)) for x in text.split(",") if x]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("benchmark", choices=(*BENCHMARKS, "smoke", "all"))
+    parser.add_argument("--data-dir", type=Path, default=None, help="model cache (default ./data or SHAREDLLM_DATA_DIR)")
+    parser.add_argument("--model", default=None, help="checkpoint directory or .gguf (default: bundled SmolLM2)")
+    parser.add_argument("--weights", default=None, help="SharedLLM weights directory (default: assets/, if trained)")
+    parser.add_argument("--init-mode", choices=("copy", "zero"), default=None,
+                        help="initialisation of untrained cross-attention (ignored with --weights)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny random model (what `smoke` uses)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md", help="Markdown file")
+    parser.add_argument("--img-dir", type=Path, default=None, help="plots (default: img/ next to --out)")
+    parser.add_argument("--raw-dir", type=Path, default=None, help="raw JSON (default: bench/results or --out's dir)")
+    parser.add_argument("--work-dir", type=Path, default=None, help="scratch space for app data (default: /tmp)")
+    parser.add_argument("--store-dir", type=Path, default=None,
+                        help="ingest/quality: keep the app store here (a later run reuses ingested documents)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--suffix", default="", help="appended to section keys and figure names")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    # speed
+    parser.add_argument("--lengths", type=_ints, default=None, help="document tokens, e.g. 4k,16k,64k")
+    parser.add_argument("--long", action="store_true", help="speed: add 128K tokens")
+    parser.add_argument("--engines", default="sharedllm,full,rag")
+    parser.add_argument("--questions", type=int, default=1, help="speed: questions per document")
+    parser.add_argument("--tiled-lengths", type=_ints, default=None,
+                        help="model: search+gather and TTFT on trees tiled to these lengths")
+    # ingest
+    parser.add_argument("--pdf", default="nettle-manual", help="ingest: a PDF id of bench/data/real_pdfs.json")
+    parser.add_argument("--no-ask", action="store_true", help="ingest: skip the per-engine question")
+    # quality
+    parser.add_argument("--needle-lengths", type=_ints, default=None)
+    parser.add_argument("--depths", type=_floats, default=None)
+    parser.add_argument("--qa-pdfs", default=None, help="quality: comma-separated PDF ids (default: all available)")
+    parser.add_argument("--qa-limit", type=int, default=None, help="quality: at most N questions per PDF")
+    parser.add_argument("--ppl-lengths", type=_ints, default=None)
+    parser.add_argument("--skip", default="", help="quality: parts to skip (needle,qa,ppl)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+def make_run(args: argparse.Namespace, command: str):
+    import os
+
+    from bench.common import ModelChoice
+    from bench.run import Run
+
+    smoke = args.benchmark == "smoke"
+    if smoke and args.threads is None:
+        args.threads = 1  # a tiny model on a shared CPU: one thread avoids OpenMP contention
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    data_dir = args.data_dir or Path(os.environ.get("SHAREDLLM_DATA_DIR", "data"))
+    choice = ModelChoice(model_path=args.model, weights=args.weights, init_mode=args.init_mode,
+                         tiny=args.tiny or smoke, data_dir=data_dir, device=args.device)
+    lm = choice.load()
+    img_dir = args.img_dir or args.out.parent / "img"
+    raw_dir = args.raw_dir or (REPO / "bench" / "results" if args.out.resolve() == (REPO / "docs" / "benchmarks.md")
+                               else args.out.parent / "results")
+    suffix = args.suffix or ("-smoke" if smoke else "")
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+    if smoke and args.store_dir is None:  # ingest and quality share one store: the PDF is encoded once
+        args.store_dir = Path(tempfile.mkdtemp(prefix="sharedllm-bench-smoke-", dir=args.work_dir))
+        args.remove_store = True
+    if smoke and args.max_new_tokens == 16:
+        args.max_new_tokens = 4
+    return Run(lm=lm, command=command, md_path=args.out, img_dir=img_dir, raw_dir=raw_dir, work_dir=args.work_dir, store_dir=args.store_dir,
+               key_suffix=suffix, max_new_tokens=args.max_new_tokens)
+
+
+def run_benchmarks(args: argparse.Namespace, command: str) -> list:
+    run = make_run(args, command)
+    smoke = args.benchmark == "smoke"
+    todo = BENCHMARKS if args.benchmark in ("all", "smoke") else (args.benchmark,)
+    engines = tuple(e for e in args.engines.split(",") if e)
+    sections = []
+    for name in todo:
+        t0 = time.perf_counter()
+        log.info("benchmark %s: starting", name)
+        if name == "speed":
+            from bench import speed
+
+            lengths = args.lengths or ([256, 512] if smoke else [4096, 16384, 65536])
+            if args.long:
+                lengths = sorted(set(lengths) | {131072})
+            sections.append(speed.run_speed(run, lengths, engines, args.questions))
+        elif name == "model":
+            from bench import model_bench
+
+            lengths = args.lengths or ([256] if smoke else [4096])
+            tiled = args.tiled_lengths or ([1024, 4096] if smoke else [4096, 16384, 65536, 131072])
+            sections.append(model_bench.run_model(run, lengths, tiled, prompt_tokens=64 if smoke else 1024,
+                                                  data_dir=args.data_dir or Path("data"), model_path=args.model))
+        elif name == "ingest":
+            from bench import ingest
+
+            pdf = args.pdf if not (smoke and args.pdf == "nettle-manual") else "fontconfig-user"
+            asked = tuple(e for e in engines if e != "full") if smoke else engines  # smoke: full runs in quality
+            sections.append(ingest.run_ingest(run, pdf, asked, ask=not args.no_ask))
+        elif name == "quality":
+            from bench import quality
+
+            skip = set(filter(None, args.skip.split(",")))
+            qa_pdfs = args.qa_pdfs.split(",") if args.qa_pdfs else (["fontconfig-user"] if smoke else None)
+            sections.append(quality.run_quality(
+                run, engines,
+                needle_lengths=args.needle_lengths or ([256] if smoke else [1024, 2048, 4096]),
+                depths=args.depths or ([0.5] if smoke else [0.1, 0.5, 0.9]),
+                qa_pdfs=qa_pdfs, qa_limit=args.qa_limit or (1 if smoke else None),
+                ppl_lengths=args.ppl_lengths or ([256] if smoke else [2048, 8192]),
+                skip=skip))
+        log.info("benchmark %s: done in %.0f s", name, time.perf_counter() - t0)
+    if getattr(args, "remove_store", False):
+        shutil.rmtree(args.store_dir, ignore_errors=True)
+    return sections
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "bm25s", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    command = " ".join([prog, *map(shlex.quote, argv)])
+    sections = run_benchmarks(args, command)
+    for s in sections:
+        print(f"{s.key}: {s.wall_s:.0f} s -> {args.out}")
+    return 0
