@@ -156,10 +156,12 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
                 injections: Mapping[int, Injection] | None = None,
-                cache: list[KVCache] | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V). With `input_pos` (T,) and a `cache` from
+                cache: list[KVCache] | None = None, last_only: bool = False) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with `last_only` (prefill: the (T, V)
+        logits of a long prompt cost time and GB). With `input_pos` (T,) and a `cache` from
         `new_cache`, reads and extends the cache; without them, attends over `input_ids` alone."""
-        return self.output_logits(self.hidden_states(input_ids, input_pos, injections, cache))
+        hidden = self.hidden_states(input_ids, input_pos, injections, cache)
+        return self.output_logits(hidden[:, -1:] if last_only else hidden)
 
     def hidden_states(self, input_ids, input_pos=None, injections=None, cache=None) -> torch.Tensor:
         if (input_pos is None) != (cache is None):

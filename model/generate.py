@@ -63,10 +63,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float,
 def prefill(model, prompt_ids: torch.Tensor, memory: Memory | None, cache) -> torch.Tensor:
     """prompt_ids (1, T) -> logits of the last position (V,), filling the KV cache."""
     input_pos = torch.arange(prompt_ids.shape[1], device=prompt_ids.device)
-    base = model.base if hasattr(model, "base") else model
-    injections = None if memory is None else model._injections(memory, prompt_ids.shape[0])
-    hidden = base.hidden_states(prompt_ids, input_pos, injections, cache)  # (1, T, D)
-    return base.output_logits(hidden[:, -1:])[0, -1]  # logits of the last position only (V,)
+    return _forward(model, prompt_ids, input_pos, memory, cache, last_only=True)[0, -1]
 
 
 @torch.no_grad()
@@ -75,11 +72,12 @@ def decode_one_token(model, token: int, position: int, memory: Memory | None, ca
     return _forward(model, ids, torch.tensor([position], device=device), memory, cache)[0, -1]
 
 
-def _forward(model, ids: torch.Tensor, input_pos: torch.Tensor, memory: Memory | None, cache) -> torch.Tensor:
+def _forward(model, ids: torch.Tensor, input_pos: torch.Tensor, memory: Memory | None, cache,
+             last_only: bool = False) -> torch.Tensor:
     """A bare `Transformer` has no memory argument; SharedLLM takes one."""
     if memory is None:
-        return model(ids, input_pos, cache=cache)
-    return model(ids, input_pos, memory=memory, cache=cache)
+        return model(ids, input_pos, cache=cache, last_only=last_only)
+    return model(ids, input_pos, memory=memory, cache=cache, last_only=last_only)
 
 
 def generate_tokens(model, prompt_ids: Sequence[int], memory: Memory | None, settings: GenerationSettings,

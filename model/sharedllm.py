@@ -67,11 +67,11 @@ class SharedLLM(nn.Module):
 
     # --- running text ------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
-                memory: Memory | None = None, cache=None) -> torch.Tensor:
+                memory: Memory | None = None, cache=None, last_only: bool = False) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V); with a memory, cross-attends to it in layers < M.
         `input_pos` + `cache` (from `self.base.new_cache`) for incremental decoding."""
         injections = None if memory is None else self._injections(memory, input_ids.shape[0])
-        return self.base(input_ids, input_pos, injections, cache)
+        return self.base(input_ids, input_pos, injections, cache, last_only)
 
     def _injections(self, memory: Memory, batch: int):
         dtype = self.base.embed_tokens.weight.dtype
