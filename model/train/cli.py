@@ -35,7 +35,8 @@ def run(args: argparse.Namespace, data_dir: Path) -> Path:
     from model.train.data.pack import ShardReader
     from model.train.loop import TrainConfig, train
 
-    lm = load_model(args.base_model, data_dir, device=args.device, weights=args.init_weights,
+    # float32 master weights everywhere; the loop runs CUDA compute under bfloat16 autocast
+    lm = load_model(args.base_model, data_dir, device=args.device, dtype="float32", weights=args.init_weights,
                     **({} if args.init_weights else {"init_mode": args.init_mode}))
     train_items = ShardReader(args.train_data, with_meta=False)
     eval_items = []

@@ -91,7 +91,9 @@ def item_loss(model: SharedLLM, item: dict, tokenizer, cfg: TrainConfig,
     memory = model.build_memory([tree], query)
     ids = torch.tensor([prompt + target[:-1]], device=device) if prompt else torch.tensor([target[:-1]], device=device)
     labels = torch.tensor(target if prompt else target[1:], device=device)
-    logits = model(ids, memory=memory)[0, -len(labels):]  # (T_target, V)
+    # on CUDA: float32 master weights, bfloat16 compute
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(ids, memory=memory)[0, -len(labels):]  # (T_target, V)
     return F.cross_entropy(logits.float(), labels)
 
 
