@@ -29,7 +29,8 @@ class Api(Pages):
             self.get_conversation,
             self.export_conversation,
         ):
-            gr.api(self._guard(fn), api_name=fn.__name__)
+            group = {"concurrency_id": "answer"} if fn == self.ask else {}
+            gr.api(self._guard(fn), api_name=fn.__name__, **group)
 
     @staticmethod
     def _guard(fn):

@@ -54,7 +54,9 @@ class DocQAApp:
         demo.load(chat.sidebar, chat.conversation_id, sidebar_out, **private)
         demo.load(lib.refresh, None, library_out, **private)
 
-        lib.upload.click(lib.ingest_files, lib.files, lib.progress, show_progress="hidden", **private).then(
+        lib.upload.click(
+            lib.ingest_files, lib.files, lib.progress, show_progress="hidden", concurrency_id="ingest", **private
+        ).then(
             lib.refresh, None, library_out, **private
         ).then(chat.sidebar, chat.conversation_id, sidebar_out, **private).then(
             lambda: None, None, lib.files, **private
@@ -80,7 +82,8 @@ class DocQAApp:
             chat.stats,
         ]
         for trigger in (chat.send.click, chat.question.submit):
-            trigger(chat.ask, ask_in, ask_out, show_progress="minimal", **private)
+            # one concurrency group for every way of asking: the limit counts answers, not buttons
+            trigger(chat.ask, ask_in, ask_out, show_progress="minimal", concurrency_id="answer", **private)
 
         chat.conversations.input(
             chat.open_conversation,
