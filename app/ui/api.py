@@ -27,6 +27,7 @@ class Api(Pages):
             self.ask,
             self.list_conversations,
             self.get_conversation,
+            self.delete_conversation,
             self.export_conversation,
         ):
             group = {"concurrency_id": "answer"} if fn == self.ask else {}
@@ -89,6 +90,11 @@ class Api(Pages):
 
     def get_conversation(self, conversation_id: int, request: gr.Request) -> dict[str, Any]:
         return self.ctx.conversations.transcript(self.owner_id(request), int(conversation_id))
+
+    def delete_conversation(self, conversation_id: int, request: gr.Request) -> dict[str, Any]:
+        owner = self.owner_id(request)
+        self.ctx.conversations.delete(owner, int(conversation_id))
+        return {"deleted": int(conversation_id)}
 
     def export_conversation(self, conversation_id: int, fmt: str = "md", request: gr.Request = None) -> str:
         """md/json as text; pdf as base64."""

@@ -97,6 +97,12 @@ class DocQAApp:
             [chat.chatbot, chat.conversation_id, chat.conversations, chat.cited, chat.page_text, chat.stats],
             **private,
         )
+        chat.delete_chat.click(
+            chat.delete_conversation,
+            chat.conversation_id,
+            [chat.chatbot, chat.conversation_id, chat.conversations, chat.cited, chat.page_text, chat.stats],
+            **private,
+        )
         chat.cited.change(chat.show_page, chat.cited, chat.page_text, **private)
         for button, fmt in ((chat.export_md, "md"), (chat.export_json, "json"), (chat.export_pdf, "pdf")):
             button.click(chat.export_as(fmt), chat.conversation_id, chat.export_file, **private)

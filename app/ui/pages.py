@@ -199,7 +199,9 @@ class ChatPage(Pages):
     def render(self) -> None:
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
-                self.new_chat = gr.Button("New chat", elem_id="new-chat")
+                with gr.Row():
+                    self.new_chat = gr.Button("New chat", elem_id="new-chat")
+                    self.delete_chat = gr.Button("Delete chat", variant="stop", elem_id="delete-chat")
                 self.conversations = gr.Radio(choices=[], label="Conversations", elem_id="conversation-list")
                 self.documents = gr.CheckboxGroup(
                     choices=[], label="Ask about these documents", elem_id="chat-documents"
@@ -267,6 +269,25 @@ class ChatPage(Pages):
 
     def new_conversation(self):
         return [], None, gr.update(value=None), gr.update(choices=[], value=None), "", ""
+
+    def delete_conversation(self, conversation_id: int | None, request: gr.Request):
+        """Delete the open conversation, then show an empty chat and the remaining list."""
+        if conversation_id is None:
+            raise gr.Error("no conversation is open")
+        owner = self.owner_id(request)
+        try:
+            self.ctx.conversations.delete(owner, int(conversation_id))
+        except ServiceError as exc:
+            raise gr.Error(str(exc)) from None
+        convs = self.ctx.conversations.list(owner)
+        return (
+            [],
+            None,
+            gr.update(choices=render.conversation_choices(convs), value=None),
+            gr.update(choices=[], value=None),
+            "",
+            "",
+        )
 
     # asking ---------------------------------------------------------------------------------------------
     def ask(

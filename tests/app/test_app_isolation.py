@@ -47,6 +47,9 @@ class ServiceUser:
     def get_conversation(self, conv):
         return self.ctx.conversations.transcript(self.owner, conv)
 
+    def delete_conversation(self, conv):
+        return self.ctx.conversations.delete(self.owner, conv)
+
     def export_conversation(self, conv, fmt):
         from app.export import export
 
@@ -82,6 +85,9 @@ class WebUser:
 
     def get_conversation(self, conv):
         return self._call("get_conversation", conv)
+
+    def delete_conversation(self, conv):
+        return self._call("delete_conversation", conv)
 
     def export_conversation(self, conv, fmt):
         return self._call("export_conversation", conv, fmt)
@@ -133,6 +139,7 @@ def check_isolation(bob, alice, world):
         denied(bob.export_conversation, a_conv, fmt)
     # delete
     denied(bob.delete_document, a_doc)
+    denied(bob.delete_conversation, a_conv)
     # A still has everything, and sees none of B's
     assert [d["id"] for d in alice.list_documents()] == [a_doc]
     assert "PELICAN-7" in alice.page_text(a_doc, 1)

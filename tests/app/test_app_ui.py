@@ -47,6 +47,8 @@ def test_chat_streams_and_reports_not_ready(ctx, make_doc):
     assert chat.show_page(key, LOCAL) == ctx.documents.page_text(owner, *render.parse_citation_key(key))
     path = chat.export_as("md")(conv_id, LOCAL)
     assert "What is the fee?" in open(path).read()
+    chat.delete_conversation(conv_id, LOCAL)
+    assert ctx.conversations.list(owner) == []
 
     from storage import Document
 
