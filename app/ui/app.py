@@ -55,12 +55,15 @@ class DocQAApp:
         demo.load(lib.refresh, None, library_out, **private)
 
         lib.upload.click(
-            lib.ingest_files, lib.files, lib.progress, show_progress="hidden", concurrency_id="ingest", **private
-        ).then(
-            lib.refresh, None, library_out, **private
-        ).then(chat.sidebar, chat.conversation_id, sidebar_out, **private).then(
-            lambda: None, None, lib.files, **private
-        )
+            lib.ingest_files,
+            lib.files,
+            lib.progress,
+            show_progress="hidden",
+            concurrency_id="ingest",
+            **private,
+        ).then(lib.refresh, None, library_out, **private).then(
+            chat.sidebar, chat.conversation_id, sidebar_out, **private
+        ).then(lambda: None, None, lib.files, **private)
         lib.delete.click(lib.delete_selected, lib.to_delete, lib.message, **private).then(
             lib.refresh, None, library_out, **private
         ).then(chat.sidebar, chat.conversation_id, sidebar_out, **private)
