@@ -48,7 +48,8 @@ test: install browser-deps
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 lint: install
-	$(BIN)/python -m ruff check app tests || true
+	$(BIN)/python -m pip install -q ruff
+	$(BIN)/python -m ruff check --select E,F,W,I,UP app tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache test-artifacts
