@@ -32,6 +32,12 @@ class Settings:
     database_url: str | None = None
     # Checkpoint directory of a LLaMA-family model; None means the bundled SmolLM2-135M-Instruct.
     model: str | None = None
+    # SharedLLM weights directory (xattn.safetensors + sharedllm_config.json); None means the trained
+    # weights bundled in assets/ for the default model, if present.
+    weights: str | None = None
+    # Retrieval vector of tree nodes and questions: "last" (the paper) or "mean" (see docs/benchmarks.md,
+    # "Retrieval probe"). Part of the tree fingerprint: changing it re-encodes documents on demand.
+    retrieval_vector: str = "last"
     # "auto" picks CUDA when available, else CPU.
     device: str = "auto"
     # Web server bind address. 127.0.0.1 by default: expose it deliberately (docker sets 0.0.0.0).
@@ -56,6 +62,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.retrieval_vector not in ("last", "mean"):
+            raise ConfigError(f"retrieval_vector must be 'last' or 'mean', got {self.retrieval_vector!r}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")
         for name in (

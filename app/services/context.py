@@ -73,4 +73,5 @@ class AppContext:
 def _load_default(settings: Settings) -> Any:
     from model import load_model
 
-    return load_model(settings.model, data_dir=settings.data_dir, device=settings.device)
+    return load_model(settings.model, data_dir=settings.data_dir, device=settings.device, weights=settings.weights,
+                      retrieval_vector=settings.retrieval_vector)

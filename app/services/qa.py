@@ -23,6 +23,10 @@ from storage import Conversation, Message
 
 logger = logging.getLogger(__name__)
 
+UNTRAINED_WARNING = (
+    "The SharedLLM cross-attention weights of this model are untrained, so this answer is not grounded "
+    "in the documents: use the rag or full engine until trained weights are installed."
+)
 HISTORY_TURNS = 3  # earlier question/answer pairs given to the model as chat context
 MAX_QUESTION_CHARS = 4000
 
@@ -104,6 +108,9 @@ class QAService:
         )
 
         prepared = impl.prepare(lm, question, docs, history)
+        if impl.needs_tree and not getattr(lm, "weights_trained", True):
+            prepared.notes["warning"] = UNTRAINED_WARNING
+            logger.warning(UNTRAINED_WARNING)
         stream = lm.generate(prepared.messages, memory=prepared.memory, settings=settings.generation())
         ttft_s = None
         pieces = []

@@ -341,7 +341,7 @@ class ChatPage(Pages):
             final.conversation,
             gr.update(choices=render.conversation_choices(convs), value=final.conversation),
             gr.update(choices=render.citation_choices(messages), value=None),
-            render.timing_markdown(final.engine, final.timings),
+            render.notes_markdown(final.notes) + render.timing_markdown(final.engine, final.timings),
         )
 
     def show_page(self, key: str | None, request: gr.Request) -> str:

@@ -116,3 +116,13 @@ def citation_choices(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
 def parse_citation_key(key: str) -> tuple[int, int]:
     doc, _, page = str(key).partition(":")
     return int(doc), int(page)
+
+
+def notes_markdown(notes: dict[str, Any]) -> str:
+    """Warnings an engine attached to an answer (untrained weights, truncated document)."""
+    lines = []
+    if notes.get("warning"):
+        lines.append(f"**Warning:** {notes['warning']}")
+    if notes.get("truncated"):
+        lines.append("**Note:** the document did not fit the model's window; its middle was left out.")
+    return "\n\n".join(lines) + ("\n\n" if lines else "")

@@ -91,3 +91,16 @@ def test_documents_list_page_text_and_delete_removes_tensor_files(ctx, two_users
     assert not files[0].exists()
     with pytest.raises(NotFound):
         ctx.documents.page_text(alice.id, doc, 2)
+
+
+def test_untrained_sharedllm_weights_are_flagged_on_the_answer(ctx, two_users, make_doc):
+    from app.services.qa import UNTRAINED_WARNING
+    from app.ui import render
+
+    alice, _ = two_users
+    doc = make_doc(alice.id)
+    _, final = run(ctx, alice.id, "What is the annual fee?", [doc])
+    assert final.notes["warning"] == UNTRAINED_WARNING  # the tiny test model has no trained weights
+    assert "untrained" in render.notes_markdown(final.notes)
+    _, rag = run(ctx, alice.id, "What is the annual fee?", [doc], engine="rag")
+    assert "warning" not in rag.notes
