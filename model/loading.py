@@ -169,5 +169,5 @@ def load_tokenizer(checkpoint_dir: Path):
 
     try:
         return AutoTokenizer.from_pretrained(checkpoint_dir)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types here
+    except Exception as exc:
         raise ModelError(f"cannot load the tokenizer from {checkpoint_dir}: {exc}") from exc

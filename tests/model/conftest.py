@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from model.testing import make_shared, random_transformer, tiny_config
 
@@ -33,5 +32,5 @@ def tiny_base():
 
 
 @pytest.fixture
-def tiny_shared(tiny_base) -> SharedLLM:
+def tiny_shared(tiny_base):
     return make_shared(tiny_base)

@@ -6,7 +6,6 @@ import torch
 
 from model.memory import build_memory
 from model.search import cosine, preselect_chunks, select_nodes
-
 from model.testing import make_shared, random_ids
 
 

@@ -7,7 +7,6 @@ import torch
 
 from model.generate import GenerationSettings, generate_tokens
 from model.sharedllm import SharedLLM
-
 from model.testing import make_shared, random_ids
 
 
@@ -65,7 +64,7 @@ def test_cached_generation_equals_uncached_recomputation(tiny_shared):
 
 def test_sampling_is_reproducible_with_a_seed(tiny_shared):
     prompt = random_ids(8).tolist()
-    run = lambda seed: list(generate_tokens(  # noqa: E731
+    run = lambda seed: list(generate_tokens(
         tiny_shared, prompt, None, GenerationSettings(max_new_tokens=15, temperature=1.0, top_p=0.9, seed=seed)))
     assert run(1) == run(1) and run(1) != run(2)
 

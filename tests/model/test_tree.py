@@ -7,9 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.config import ConfigError, SharedLLMConfig
-from model.tree import ContextTree, keep_indices, lower_forward, split_lengths
-
 from model.testing import make_shared, random_ids
+from model.tree import ContextTree, keep_indices, lower_forward, split_lengths
 
 
 def test_split_lengths_cover_the_chunk_at_every_level():
