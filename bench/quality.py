@@ -77,8 +77,11 @@ def real_qa(run: Run, engines: tuple[str, ...], pdf_ids: list[str] | None, limit
                     continue
                 info = ctx.ingestion.ingest_path(owner.id, path)  # reused when already in the store
                 chosen = [i for i in items if i.pdf == pdf_id]
-                chosen.sort(key=lambda i: -(evidence_token_offset(i, run.lm.tokenizer) or 0))
-                for item in chosen[:limit] if limit else chosen:
+                chosen.sort(key=lambda i: evidence_token_offset(i, run.lm.tokenizer) or 0)
+                if limit and len(chosen) > limit:  # spread over the document: nearest, furthest, evenly between
+                    step = (len(chosen) - 1) / max(1, limit - 1)
+                    chosen = [chosen[round(k * step)] for k in range(limit)] if limit > 1 else chosen[-1:]
+                for item in chosen:
                     offset = evidence_token_offset(item, run.lm.tokenizer)
                     for engine in engines:
                         ans = ctx.qa.answer_all(owner.id, item.question, [info["id"]], None, engine, settings)
