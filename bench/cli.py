@@ -17,8 +17,8 @@ import argparse
 import logging
 import shlex
 import shutil
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 

@@ -213,7 +213,7 @@ def timed_ingestion(ctx: Any) -> Iterator[StageTimes]:
     """Times IngestionService's stages from outside: wraps `extract_pdf` and `tokenize_pages` in
     `app.ingestion`, the model's `encode_tree` and the tensor store's `save` (the "write" stage).
     Whatever else ingestion does (hashing the upload, database rows) is `total - sum(stages)`."""
-    import app.ingestion as ingestion
+    from app import ingestion
 
     times = StageTimes()
     lm = ctx.model()

@@ -84,7 +84,7 @@ def ours_vs_hf(run: Run, prompt_tokens: int, data_dir: Path, model_path: str | N
     ours = stream.result
     hf = hf_model_for(lm, data_dir, model_path)
     input_ids = torch.tensor([ids])
-    kwargs = dict(do_sample=False, pad_token_id=lm.tokenizer.eos_token_id, eos_token_id=lm.eos_ids)
+    kwargs = {"do_sample": False, "pad_token_id": lm.tokenizer.eos_token_id, "eos_token_id": lm.eos_ids}
     with torch.no_grad():
         t0 = time.perf_counter()
         hf.generate(input_ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
@@ -121,7 +121,7 @@ def encode_and_search(run: Run, n_tokens: int, tiled: list[int]) -> tuple[dict, 
     for n in tiled:
         big = tile_tree(tree, n)
         query_s, query = _median_time(lambda: lm.model.query_vector(torch.tensor(lm.tokenize(QUESTION))))
-        search_s, _ = _median_time(lambda: lm.model.build_memory([big], query))
+        search_s, _ = _median_time(lambda big=big, query=query: lm.model.build_memory([big], query))
         memory = lm.build_memory([big], QUESTION)
         stream = lm.generate(messages, memory, settings, retrieval_s=query_s + search_s)
         for _ in stream:

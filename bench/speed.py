@@ -131,15 +131,15 @@ def run_speed(run: Run, lengths: list[int], engines: tuple[str, ...], questions:
                           run.machine, run.command, section.weights, logx=True, logy=logy)
         section.figures.append(run.rel(path))
     section.notes += [
-        "Each question goes through QAService (database, tree from the store, engine, generation); TTFT is "
+        ("Each question goes through QAService (database, tree from the store, engine, generation); TTFT is "
         "measured from the call to the first streamed piece, with the document's tree already loaded "
-        "(`tree load s` is that one-off cost).",
-        "`full` keeps the head and tail of the document within its 8K window, so beyond ~7.6K tokens its "
+        "(`tree load s` is that one-off cost)."),
+        ("`full` keeps the head and tail of the document within its 8K window, so beyond ~7.6K tokens its "
         "prompt stops growing (and the needle at depth 0.5 is cut out); `rag` puts 4 BM25 chunks of 512 "
-        "tokens in the prompt.",
-        "ingest tok/s: sharedllm = tokens / (extract + tokenize + encode + write + rows); the baselines need "
+        "tokens in the prompt."),
+        ("ingest tok/s: sharedllm = tokens / (extract + tokenize + encode + write + rows); the baselines need "
         "no tree, so their figure leaves out encode + write. disk B/token: sharedllm = tree file; baselines "
-        "= page and chunk text rows.",
+        "= page and chunk text rows."),
         "Peak RSS includes the model (the whole process); it is reset before each question (/proc/self/clear_refs).",
     ]
     return run.write(section, started)
