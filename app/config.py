@@ -36,8 +36,10 @@ class Settings:
     # weights bundled in assets/ for the default model, if present.
     weights: str | None = None
     # Retrieval vector of tree nodes and questions: "last" (the paper) or "mean" (see docs/benchmarks.md,
-    # "Retrieval probe"). Part of the tree fingerprint: changing it re-encodes documents on demand.
-    retrieval_vector: str = "last"
+    # "Retrieval probe"). None means what the SharedLLM weights were trained with (the bundled weights:
+    # "mean"; fresh, untrained cross-attention: "last"). Part of the tree fingerprint: changing it
+    # re-encodes documents on demand.
+    retrieval_vector: str | None = None
     # "auto" picks CUDA when available, else CPU.
     device: str = "auto"
     # Web server bind address. 127.0.0.1 by default: expose it deliberately (docker sets 0.0.0.0).
@@ -62,7 +64,7 @@ class Settings:
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.retrieval_vector not in ("last", "mean"):
+        if self.retrieval_vector not in (None, "last", "mean"):
             raise ConfigError(f"retrieval_vector must be 'last' or 'mean', got {self.retrieval_vector!r}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")

@@ -56,3 +56,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, nh, T, hd); cos/sin (T, hd) or (B, 1, T, hd) broadcastable."""
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """In-place `apply_rope` for a tensor the caller owns (the gathered memory keys): two fused
+    multiply-adds per half instead of the temporaries of `rotate_half`. cos/sin as `rope_angles`
+    returns them (both halves equal)."""
+    half = x.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., :half]
+    x1, x2 = x[..., :half], x[..., half:]
+    first = x1.clone()
+    x1.mul_(c).addcmul_(x2, s, value=-1)
+    x2.mul_(c).addcmul_(first, s)
+    return x

@@ -73,5 +73,7 @@ class AppContext:
 def _load_default(settings: Settings) -> Any:
     from model import load_model
 
-    return load_model(settings.model, data_dir=settings.data_dir, device=settings.device, weights=settings.weights,
-                      retrieval_vector=settings.retrieval_vector)
+    overrides = {"retrieval_vector": settings.retrieval_vector} if settings.retrieval_vector else {}
+    return load_model(
+        settings.model, data_dir=settings.data_dir, device=settings.device, weights=settings.weights, **overrides
+    )

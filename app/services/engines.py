@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from app.services.documents import DocumentContext
+from model.prompts import SHAREDLLM_SYSTEM_PROMPT
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +90,9 @@ class SharedLLMEngine:
         t0 = time.perf_counter()
         memory = lm.build_memory([d.tree for d in docs], question=question)
         retrieval_s = time.perf_counter() - t0
+        # the words the cross-attention was trained with (model/prompts.py), not the prompt-engines' ones
         messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "system", "content": SHAREDLLM_SYSTEM_PROMPT},
             *history,
             {"role": "user", "content": question},
         ]

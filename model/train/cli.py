@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", default=None, help="checkpoint (default: the bundled SmolLM2)")
     parser.add_argument("--init-weights", default=None, help="start from these SharedLLM weights")
     parser.add_argument("--init-mode", default="zero", choices=["zero", "copy"])
+    parser.add_argument("--retrieval-vector", default=None, choices=["last", "mean"],
+                        help="node/query vector for the query-aware search (saved with the weights)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=20)
@@ -36,8 +38,11 @@ def run(args: argparse.Namespace, data_dir: Path) -> Path:
     from model.train.loop import TrainConfig, train
 
     # float32 master weights everywhere; the loop runs CUDA compute under bfloat16 autocast
+    overrides = {} if args.init_weights else {"init_mode": args.init_mode}
+    if args.retrieval_vector:
+        overrides["retrieval_vector"] = args.retrieval_vector
     lm = load_model(args.base_model, data_dir, device=args.device, dtype="float32", weights=args.init_weights,
-                    **({} if args.init_weights else {"init_mode": args.init_mode}))
+                    **overrides)
     train_items = ShardReader(args.train_data, with_meta=False)
     eval_items = []
     if args.eval_data:

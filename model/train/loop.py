@@ -187,6 +187,9 @@ def train(model: SharedLLM, tokenizer, train_items, eval_items: list[dict], cfg:
     rng.shuffle(order)
     cursor = start * cfg.grad_accum
     started = time.perf_counter()
+    if start == 0 and eval_items:  # the starting point (for `zero` init: the base model without context)
+        history.append({"step": 0, "eval_loss": evaluate(model, eval_items, tokenizer, cfg)})
+        log.info("step 0 held-out loss %.4f", history[-1]["eval_loss"])
     for step in range(start, cfg.steps):
         model.train()
         for group in optimizer.param_groups:

@@ -93,3 +93,54 @@ def test_build_memory_casts_to_compute_dtype(tiny_base):
     assert tree.levels[0].keys.dtype == torch.bfloat16
     memory = build_memory([tree], None, shared.config, tiny_base.inv_freq, torch.device("cpu"), torch.float32)
     assert memory.keys.dtype == torch.float32
+
+
+def _naive_memory(trees, query, chunk_sets, inv_freq, node_rotation):
+    """The memory written out slot by slot: for every chunk, the preserved nodes' slots sorted by
+    document position (empty slots last), keys rotated by the chunk's index in the memory."""
+    from model.rope import apply_rope, rope_angles
+
+    ks, vs, ps, ss, angles = [], [], [], [], []
+    g = 0
+    for tree, chunks in zip(trees, chunk_sets):
+        preserved = select_nodes(tree, query, chunks)
+        for row, c in enumerate(chunks.tolist()):
+            slots = []
+            for level, nodes in zip(tree.levels, preserved):
+                for node in nodes[row].tolist():
+                    for s in range(level.positions.shape[2]):
+                        slots.append((level, node, s))
+            valid = [t for t in slots if t[0].positions[c, t[1], t[2]] >= 0]
+            empty = [t for t in slots if t[0].positions[c, t[1], t[2]] < 0]
+            for level, node, s in sorted(valid, key=lambda t: int(t[0].spans[c, t[1], t[2], 0])) + empty:
+                ks.append(level.keys[c, node, :, :, s])
+                vs.append(level.values[c, node, :, :, s])
+                ps.append(int(level.positions[c, node, s]))
+                ss.append(level.spans[c, node, s].tolist())
+                angles.append(g + (max(ps[-1], 0) if node_rotation else 0))
+            g += 1
+    keys, values = torch.stack(ks, dim=2).float(), torch.stack(vs, dim=2).float()  # (M, nkv, P, hd)
+    cos, sin = rope_angles(inv_freq, torch.tensor(angles), torch.float32)
+    return apply_rope(keys, cos, sin), values, torch.tensor(ps), torch.tensor(ss)
+
+
+def test_build_memory_equals_the_slot_by_slot_definition(tiny_base):
+    """The vectorised gather (one copy per level into final slots, in-place RoPE) against the
+    definition, with two documents, a short last chunk, top-k pre-selection and both rotations."""
+    for rotation in ("chunk", "node_and_chunk"):
+        shared = make_shared(tiny_base, key_rotation=rotation)
+        a, b = _tree(shared, 64 * 3, seed=5), _tree(shared, 64 * 2 + 21, seed=6)
+        query = torch.randn(64, generator=torch.Generator().manual_seed(7))
+        for top_k in (None, 3):
+            memory = shared.build_memory([a, b], query, top_k_chunks=top_k)
+            sets = preselect_chunks([a, b], query, top_k) if top_k else [torch.arange(3), torch.arange(3)]
+            keys, values, positions, spans = _naive_memory([a, b], query, sets, tiny_base.inv_freq,
+                                                           rotation == "node_and_chunk")
+            torch.testing.assert_close(memory.keys[:, 0], keys, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(memory.values[:, 0], values, rtol=0, atol=0)
+            assert torch.equal(memory.spans, spans.long())
+            expected_mask = positions >= 0
+            if bool(expected_mask.all()):
+                assert memory.mask is None
+            else:
+                assert torch.equal(memory.mask.flatten(), expected_mask)

@@ -32,13 +32,14 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from model.prompts import SHAREDLLM_SYSTEM_PROMPT
+
 from .tasks import TASKS, Sample
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-DEFAULT_SYSTEM_PROMPT = ("You are a helpful assistant. Answer the user's questions about the attached "
-                         "document using only its content.")
+DEFAULT_SYSTEM_PROMPT = SHAREDLLM_SYSTEM_PROMPT
 DEFAULT_MAX_SHARD_BYTES = 48 * 1024 * 1024
 
 

