@@ -43,7 +43,7 @@ def probe(lm, max_items: int) -> dict:
         at = len(lm.tokenize(text[:offset]))
         ids = lm.tokenize(text)
         c = at // chunk_len
-        chunk, pos = ids[c * chunk_len:(c + 1) * chunk_len], at - c * chunk_len
+        chunk, pos = ids[c * chunk_len : (c + 1) * chunk_len], at - c * chunk_len
         if len(chunk) < chunk_len:
             continue
         n += 1
@@ -53,25 +53,82 @@ def probe(lm, max_items: int) -> dict:
         want2 = (pos - start2) // quarter
         for mode, counts in hits.items():
             q = node_vector(question, question.shape[0], mode)
-            level1 = torch.stack([node_vector(layer1_states(lm, chunk[s:s + half]), half, mode) for s in (0, half)])
-            level2 = torch.stack([node_vector(layer1_states(lm, chunk[start2 + s:start2 + s + quarter]), quarter, mode)
-                                  for s in (0, quarter)])
+            level1 = torch.stack(
+                [node_vector(layer1_states(lm, chunk[s : s + half]), half, mode) for s in (0, half)]
+            )
+            level2 = torch.stack(
+                [
+                    node_vector(layer1_states(lm, chunk[start2 + s : start2 + s + quarter]), quarter, mode)
+                    for s in (0, quarter)
+                ]
+            )
             ok1 = int(cosine(q, level1).argmax()) == want1
             ok2 = int(cosine(q, level2).argmax()) == want2
             counts[0] += ok1
             counts[1] += ok2
             counts[2] += ok1 and ok2
-    return {"questions": n, **{mode: {"level1": c[0] / n, "level2": c[1] / n, "both": c[2] / n}
-                               for mode, c in hits.items()}, "chance": {"level1": 0.5, "level2": 0.5, "both": 0.25}}
+    return {
+        "questions": n,
+        **{mode: {"level1": c[0] / n, "level2": c[1] / n, "both": c[2] / n} for mode, c in hits.items()},
+        "chance": {"level1": 0.5, "level2": 0.5, "both": 0.25},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
+    import shlex
+    import sys
+    import time
+    from pathlib import Path
+
+    from bench.common import load_average, machine_label
+    from bench.report import Section, Table, write_section
+
     parser = argparse.ArgumentParser(prog="python -m bench.retrieval_probe", description=__doc__)
     parser.add_argument("--items", type=int, default=80)
     parser.add_argument("--data-dir", default="data")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md",
+        help="Markdown file whose 'retrieval-probe' section is rewritten ('' to only print)",
+    )
     args = parser.parse_args(argv)
-    lm = load_model(data_dir=args.data_dir)
-    print(json.dumps(probe(lm, args.items), indent=2))
+    started = time.perf_counter()
+    when = time.strftime("%Y-%m-%d %H:%M") + f", load average {load_average()}"
+    lm = load_model(data_dir=args.data_dir, device="cpu")
+    result = probe(lm, args.items)
+    print(json.dumps(result, indent=2))
+    if str(args.out):
+        argv_text = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        section = Section(
+            key="retrieval-probe",
+            title="Retrieval probe: does the search descend into the evidence?",
+            machine=machine_label(lm.device),
+            command=f"python -m bench.retrieval_probe {argv_text}".strip(),
+            weights=f"{lm.name} layer 1 (independent of the cross-attention weights)",
+            started=when,
+        )
+        rows = [
+            [mode, result[mode]["level1"], result[mode]["level2"], result[mode]["both"]]
+            for mode in ("last", "mean")
+        ]
+        rows.append(["chance", 0.5, 0.5, 0.25])
+        section.tables.append(
+            Table(
+                ["retrieval vector", "level 1 (halves)", "level 2 (quarters)", "both levels"],
+                rows,
+                title=f"share of {result['questions']} real-PDF questions (evidence in a full chunk) "
+                "whose evidence child is selected",
+            )
+        )
+        section.notes.append(
+            "`last` is the paper's vector (hidden state after layer 1 at the last token); a question's "
+            "last token is usually '?' and a node's is arbitrary, so the comparison carries little "
+            "content. `mean` averages the node's (question's) layer-1 states, i.e. a bag of its "
+            "contextual token embeddings."
+        )
+        section.wall_s = time.perf_counter() - started
+        write_section(args.out, section)
     return 0
 
 
