@@ -312,6 +312,21 @@ def _acc(rows):
     return sum(r["correct"] for r in rows) / len(rows) if rows else None
 
 
+def _grouped(rows: list[dict], key: str, groups, names) -> list[list]:
+    """One table row per group (count, then accuracy per variant) and an "all" row."""
+    out = []
+    for group in [*groups, None]:
+        chosen = [r for r in rows if group is None or r[key] == group]
+        out.append(
+            [
+                group or "all",
+                sum(1 for r in chosen if r["variant"] == names[0]),
+                *(_acc([r for r in chosen if r["variant"] == v]) for v in names),
+            ]
+        )
+    return out
+
+
 def report(section: Section, raw: dict, variants, lengths, depths, img_dir: Path, md_path: Path) -> None:
     def rel(p: Path) -> str:
         return str(p.resolve().relative_to(md_path.resolve().parent))
@@ -362,21 +377,7 @@ def report(section: Section, raw: dict, variants, lengths, depths, img_dir: Path
         qa = raw["heldout"]
         names = [*variants, "full"]
         tasks = [t for t in QA_TASKS if any(r["task"] == t for r in qa)]
-        rows = [
-            [
-                t,
-                sum(1 for r in qa if r["task"] == t and r["variant"] == names[0]),
-                *(_acc([r for r in qa if r["task"] == t and r["variant"] == v]) for v in names),
-            ]
-            for t in tasks
-        ]
-        rows.append(
-            [
-                "all",
-                sum(1 for r in qa if r["variant"] == names[0]),
-                *(_acc([r for r in qa if r["variant"] == v]) for v in names),
-            ]
-        )
+        rows = _grouped(qa, "task", tasks, names)
         rows.append(
             [
                 "mean F1",
@@ -397,22 +398,7 @@ def report(section: Section, raw: dict, variants, lengths, depths, img_dir: Path
         )
     if "real_qa" in raw:
         qa = raw["real_qa"]
-        pdfs = sorted({r["pdf"] for r in qa})
-        rows = [
-            [
-                p,
-                sum(1 for r in qa if r["pdf"] == p and r["variant"] == variants[0]),
-                *(_acc([r for r in qa if r["pdf"] == p and r["variant"] == v]) for v in variants),
-            ]
-            for p in pdfs
-        ]
-        rows.append(
-            [
-                "all",
-                sum(1 for r in qa if r["variant"] == variants[0]),
-                *(_acc([r for r in qa if r["variant"] == v]) for v in variants),
-            ]
-        )
+        rows = _grouped(qa, "pdf", sorted({r["pdf"] for r in qa}), variants)
         section.tables.append(
             Table(["PDF", "questions", *variants], rows, title="real-PDF QA, contains-match")
         )
