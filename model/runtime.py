@@ -54,6 +54,9 @@ class LoadedModel:
     name: str
     checkpoint_hash: str
     weights_trained: bool
+    # said with every answer of the `sharedllm` engine when set: e.g. weights trained only at a small
+    # scale (saved as "warning" in the weights' metadata by whoever trained them)
+    weights_warning: str | None = None
 
     @property
     def config(self) -> SharedLLMConfig:
@@ -128,6 +131,7 @@ def load_model(model_path: str | Path | None = None, data_dir: str | Path = "dat
         model = SharedLLM(base, SharedLLMConfig.for_model(read_model_config(checkpoint), **config_overrides))
     model.eval()
     name = DEFAULT_MODEL_NAME if model_path is None else Path(model_path).name
-    loaded = LoadedModel(model, tokenizer, name, checkpoint_hash(checkpoint, data_dir), weights is not None)
+    warning = SharedLLM.weights_info(weights).get("warning") if weights is not None else None
+    loaded = LoadedModel(model, tokenizer, name, checkpoint_hash(checkpoint, data_dir), weights is not None, warning)
     log.info("model %s ready in %.1f s (fingerprint %s)", name, time.perf_counter() - started, loaded.fingerprint)
     return loaded

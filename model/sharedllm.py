@@ -105,6 +105,14 @@ class SharedLLM(nn.Module):
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"extra": json.dumps(extra or {})})
         self.config.save(directory / CONFIG_FILE)
 
+    @staticmethod
+    def weights_info(directory: Path) -> dict:
+        """The `extra` dict saved with the weights (training steps, data, an optional "warning")."""
+        from safetensors import safe_open
+
+        with safe_open(str(Path(directory) / WEIGHTS_FILE), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("extra", "{}"))
+
     def load_cross_attention(self, directory: Path) -> None:
         state = load_file(str(Path(directory) / WEIGHTS_FILE))
         expected = self.xattn.state_dict()

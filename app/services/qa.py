@@ -111,6 +111,8 @@ class QAService:
         if impl.needs_tree and not getattr(lm, "weights_trained", True):
             prepared.notes["warning"] = UNTRAINED_WARNING
             logger.warning(UNTRAINED_WARNING)
+        elif impl.needs_tree and getattr(lm, "weights_warning", None):
+            prepared.notes["warning"] = lm.weights_warning
         stream = lm.generate(prepared.messages, memory=prepared.memory, settings=settings.generation())
         ttft_s = None
         pieces = []

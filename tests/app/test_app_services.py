@@ -93,6 +93,29 @@ def test_documents_list_page_text_and_delete_removes_tensor_files(ctx, two_users
         ctx.documents.page_text(alice.id, doc, 2)
 
 
+def test_a_warning_saved_with_the_weights_is_said_with_every_sharedllm_answer(settings, tiny_model, tmp_path):
+    import dataclasses
+
+    from app.services.context import AppContext
+    from model.sharedllm import SharedLLM
+    from app_testkit import make_ready_document
+
+    note = "trained at a small CPU scale: answers from documents are unreliable"
+    tiny_model.model.save_pretrained(tmp_path / "weights", extra={"steps": 3, "warning": note})
+    assert SharedLLM.weights_info(tmp_path / "weights") == {"steps": 3, "warning": note}
+    lm = dataclasses.replace(tiny_model, weights_trained=True, weights_warning=note)
+    context = AppContext(settings, model=lm)
+    try:
+        alice = context.auth.add_user("alice", "alice-password-1")
+        doc = make_ready_document(context, alice.id, "a.pdf", ["The annual fee is 12,500 euros."])
+        _, final = run(context, alice.id, "What is the annual fee?", [doc])
+        assert final.notes["warning"] == note
+        _, rag = run(context, alice.id, "What is the annual fee?", [doc], engine="rag")
+        assert "warning" not in rag.notes
+    finally:
+        context.close()
+
+
 def test_untrained_sharedllm_weights_are_flagged_on_the_answer(ctx, two_users, make_doc):
     from app.services.qa import UNTRAINED_WARNING
     from app.ui import render
