@@ -96,9 +96,10 @@ def test_documents_list_page_text_and_delete_removes_tensor_files(ctx, two_users
 def test_a_warning_saved_with_the_weights_is_said_with_every_sharedllm_answer(settings, tiny_model, tmp_path):
     import dataclasses
 
+    from app_testkit import make_ready_document
+
     from app.services.context import AppContext
     from model.sharedllm import SharedLLM
-    from app_testkit import make_ready_document
 
     note = "trained at a small CPU scale: answers from documents are unreliable"
     tiny_model.model.save_pretrained(tmp_path / "weights", extra={"steps": 3, "warning": note})

@@ -245,7 +245,7 @@ def generate_contract(rng: Random, kind: str | None = None, n_extra: int = 0) ->
     defs = [f"\"Business Day\" means a day other than a Saturday, Sunday or public holiday in {rng.choice(cities)}.",
             "\"Confidential Information\" means all information of a confidential nature disclosed by one Party to the other, whether in writing, orally or by any other means.",
             "\"Intellectual Property Rights\" means patents, rights to inventions, copyright and related rights, trade marks, rights in designs, rights in computer software, database rights and all other intellectual property rights.",
-            f"\"Term\" has the meaning given in Clause {{term}}.",
+            "\"Term\" has the meaning given in Clause {term}.",
             "\"Writing\" includes email but not any other form of electronic communication."]
     rng.shuffle(defs)
     b.add("definitions", "DEFINITIONS AND INTERPRETATION",

@@ -15,8 +15,8 @@ import logging
 import math
 import multiprocessing as mp
 import os
+from collections.abc import Iterator
 from random import Random
-from typing import Iterator
 
 from .pack import DEFAULT_SYSTEM_PROMPT, pack_sample
 from .sources import Corpus

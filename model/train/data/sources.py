@@ -38,9 +38,9 @@ import subprocess
 import sys
 import sysconfig
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -463,7 +463,7 @@ class Corpus:
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def discover(cls, sources: Sequence[str] = SOURCES, split: str = "train",
-                 limit_per_source: int | None = None, cache_dir: str | os.PathLike | None = None) -> "Corpus":
+                 limit_per_source: int | None = None, cache_dir: str | os.PathLike | None = None) -> Corpus:
         denylist = tuple(PDF_DENYLIST) + tuple(find_pdf_stems())
         entries: dict[str, list[Entry]] = {s: [] for s in sources}
         texts: dict[str, str] = {}
@@ -493,7 +493,7 @@ class Corpus:
         return cls(entries, texts, cache_dir=cache_dir)
 
     @classmethod
-    def from_documents(cls, docs: Iterable[Document]) -> "Corpus":
+    def from_documents(cls, docs: Iterable[Document]) -> Corpus:
         entries: dict[str, list[Entry]] = {}
         texts = {}
         for d in docs:

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from random import Random
-from typing import Callable
 
 from .contracts import generate_contract
 from .sources import Corpus
