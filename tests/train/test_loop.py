@@ -50,3 +50,20 @@ def test_schedule_warms_up_then_decays():
     cfg = TrainConfig(out=None, steps=100, lr=1e-3, warmup=10, min_lr_ratio=0.1)
     assert lr_at(0, cfg) < lr_at(9, cfg) == 1e-3
     assert abs(lr_at(99, cfg) - 1e-4) < 2e-5 and lr_at(50, cfg) < 1e-3
+
+
+def test_export_casts_to_bf16_keeps_metadata_and_adds_the_warning(tmp_path):
+    import torch
+
+    from model.sharedllm import SharedLLM
+    from model.testing import make_shared, random_transformer, tiny_config
+    from model.train.export import export_weights
+
+    shared = make_shared(random_transformer(tiny_config(vocab_size=128)), init_mode="copy")
+    shared.save_pretrained(tmp_path / "run", extra={"steps": 7})
+    out = export_weights(tmp_path / "run", tmp_path / "assets", warning="small scale")
+    assert SharedLLM.weights_info(out) == {"steps": 7, "warning": "small scale"}
+    loaded = SharedLLM.from_pretrained(random_transformer(tiny_config(vocab_size=128)), out)
+    for (name, a), (_, b) in zip(shared.xattn.state_dict().items(), loaded.xattn.state_dict().items()):
+        assert b.dtype == torch.float32  # cast back to the model's dtype on load
+        torch.testing.assert_close(b, a.to(torch.bfloat16).float(), rtol=0, atol=0, msg=name)
