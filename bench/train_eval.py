@@ -287,6 +287,34 @@ def real_pdf_qa(
     return rows
 
 
+# --- does the trained model read the memory? ---------------------------------------------------------
+@torch.no_grad()
+def memory_ablation(lm, weights, data: Path, n_items: int) -> list[dict]:
+    """Held-out target loss of the trained weights with the item's own document in the memory and
+    with another item's document (the next one): equal losses mean the cross-attention learned
+    something document-independent (format, a bias), not to read. Zero init = no context."""
+    from model.train.data.pack import ShardReader
+    from model.train.loop import TrainConfig, item_loss
+
+    reader = ShardReader(data, with_meta=False)
+    items = [reader[i] for i in range(min(n_items + 1, len(reader)))]
+    cfg = TrainConfig(out=Path("."))
+    rows = []
+    for k in range(len(items) - 1):
+        item, other = items[k], items[k + 1]
+        swapped = {**item, "context_ids": other["context_ids"]}
+        row = {"item": k, "task": item["task"]}
+        for variant in ("trained", "zero"):
+            set_variant(lm, variant, weights)
+            row[f"{variant}_own"] = float(item_loss(lm.model, item, lm.tokenizer, cfg, None))
+            row[f"{variant}_other"] = float(item_loss(lm.model, swapped, lm.tokenizer, cfg, None))
+        rows.append(row)
+        log.info(
+            "ablation %d %s: %s", k, item["task"], {key: round(v, 3) for key, v in row.items() if "_" in key}
+        )
+    return rows
+
+
 # --- perplexity ------------------------------------------------------------------------------------
 @torch.no_grad()
 def perplexity(lm, variants, weights, lengths: list[int], continuation: int = 256) -> list[dict]:
@@ -437,6 +465,38 @@ def report(section: Section, raw: dict, variants, lengths, depths, img_dir: Path
                 f"issue-5 target, trained sharedllm >= rag + 10 points on evidence past 8K: {verdict} "
                 f"({100 * s_far:.0f} vs {100 * r_far:.0f}, n={len(far_rows) // len(names)})"
             )
+    if "ablation" in raw:
+        ab = raw["ablation"]
+        tasks = sorted({r["task"] for r in ab})
+
+        def mean(rows, key):
+            return sum(r[key] for r in rows) / len(rows) if rows else None
+
+        table = [
+            [
+                t,
+                sum(1 for r in ab if r["task"] == t),
+                *(
+                    mean([r for r in ab if r["task"] == t], k)
+                    for k in ("trained_own", "trained_other", "zero_own")
+                ),
+            ]
+            for t in tasks
+        ]
+        table.append(["all", len(ab), *(mean(ab, k) for k in ("trained_own", "trained_other", "zero_own"))])
+        section.tables.append(
+            Table(
+                [
+                    "task",
+                    "items",
+                    "trained, own document",
+                    "trained, another item's document",
+                    "zero init (= no document)",
+                ],
+                table,
+                title="held-out target loss (cross-entropy): does the trained model read the memory?",
+            )
+        )
     if "perplexity" in raw:
         section.tables.append(
             Table(
@@ -466,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ppl-lengths", type=_ints, default=_ints("8k,32k"))
     parser.add_argument("--qa-pdfs", default=None, help="comma-separated PDF ids (default: all available)")
     parser.add_argument("--qa-limit", type=int, default=6, help="questions per PDF")
-    parser.add_argument("--skip", default="", help="parts to skip: needle,heldout,real_qa,ppl")
+    parser.add_argument("--skip", default="", help="parts to skip: needle,heldout,real_qa,ppl,ablation")
+    parser.add_argument("--suffix", default="", help="appended to the section key (a separate section)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "training.md")
@@ -498,8 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     cfg = lm.config
     section = Section(
-        key="train-eval",
-        title="Evaluation: trained vs copy-init vs zero-init cross-attention",
+        key="train-eval" + args.suffix,
+        title="Evaluation: trained vs copy-init vs zero-init cross-attention"
+        + (f" ({args.suffix})" if args.suffix else ""),
         machine=machine_label(lm.device),
         command=command,
         weights=(
@@ -521,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
             raw["needle"] = needle_grid(
                 lm, variants, weights, args.needle_lengths, args.depths, args.max_new_tokens
             )
+        if "ablation" not in skip and args.heldout and "trained" in variants:
+            raw["ablation"] = memory_ablation(lm, weights, args.heldout, args.heldout_items)
         if "real_qa" not in skip:
             pdfs = args.qa_pdfs.split(",") if args.qa_pdfs else None
             raw["real_qa"] = real_pdf_qa(lm, variants, weights, pdfs, args.qa_limit, args.max_new_tokens)
@@ -533,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     section.wall_s = time.perf_counter() - started
     write_section(args.out, section)
     write_raw(
-        REPO / "bench" / "results" / "train-eval.json"
+        REPO / "bench" / "results" / f"train-eval{args.suffix}.json"
         if not args.tiny
         else args.out.parent / "train-eval.json",
         section,

@@ -92,6 +92,9 @@ def test_tiny_train_eval_writes_every_table(tmp_path, model_data_dir, tiny_model
     assert len(raw["needle"]) == 2 * 2 * 3
     assert {r["variant"] for r in raw["heldout"]} == {"trained", "copy", "zero", "full"}
     assert {r["task"] for r in raw["heldout"]} == {"passkey", "contract"}
+    # the memory ablation: zero init ignores the document exactly, so own == another item's
+    [ablation] = raw["ablation"]
+    assert ablation["zero_own"] == ablation["zero_other"] and ablation["trained_own"] > 0
     # zero init equals the base model exactly, so its perplexity equals the no-context one
     ppl = {r["context"]: r["ppl"] for r in raw["perplexity"]}
     assert ppl["sharedllm zero (memory)"] == ppl["none"]
