@@ -67,7 +67,9 @@ class Answer:
         """The `ask --json` document (DESIGN section 6)."""
         out = asdict(self)
         out.pop("message_id")
-        out.pop("notes")
+        notes = out.pop("notes")
+        if notes.get("warning"):  # e.g. untrained or small-scale SharedLLM weights
+            out["warning"] = notes["warning"]
         return out
 
 

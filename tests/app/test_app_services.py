@@ -29,7 +29,8 @@ def test_answer_streams_then_final_record_with_citations_and_timings(ctx, two_us
     for c in final.citations:
         assert c["document"] == doc and c["name"] == "report.pdf" and c["page"] in (1, 2, 3) and c["text"]
     data = final.to_dict()
-    assert set(data) == {"answer", "engine", "conversation", "citations", "timings"}
+    # the tiny test model's cross-attention is untrained, which the JSON says too
+    assert set(data) == {"answer", "engine", "conversation", "citations", "timings", "warning"}
 
 
 def test_conversation_persists_and_continues(ctx, two_users, make_doc):
@@ -110,9 +111,9 @@ def test_a_warning_saved_with_the_weights_is_said_with_every_sharedllm_answer(se
         alice = context.auth.add_user("alice", "alice-password-1")
         doc = make_ready_document(context, alice.id, "a.pdf", ["The annual fee is 12,500 euros."])
         _, final = run(context, alice.id, "What is the annual fee?", [doc])
-        assert final.notes["warning"] == note
+        assert final.notes["warning"] == note and final.to_dict()["warning"] == note
         _, rag = run(context, alice.id, "What is the annual fee?", [doc], engine="rag")
-        assert "warning" not in rag.notes
+        assert "warning" not in rag.notes and "warning" not in rag.to_dict()
     finally:
         context.close()
 
