@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     section = Section(
         key="train-eval" + args.suffix,
         title="Evaluation: trained vs copy-init vs zero-init cross-attention"
-        + (f" ({args.suffix})" if args.suffix else ""),
+        + (f" ({args.suffix.strip('-')})" if args.suffix else ""),
         machine=machine_label(lm.device),
         command=command,
         weights=(
