@@ -77,7 +77,7 @@ def gather_into(out: torch.Tensor, source: str, tree: ContextTree, preserved: li
         part = stored[:, :, c, nodes]  # (M, nkv, C', k, S, hd): one copy
         width = part.shape[3] * part.shape[4]
         index = (base + dest[:, column:column + width]).flatten()
-        out.index_copy_(2, index, part.flatten(2, 4))
+        out.index_copy_(2, index.to(out.device), part.flatten(2, 4).to(out.device))
         column += width
 
 
@@ -88,8 +88,9 @@ def build_memory(trees: list[ContextTree], query: torch.Tensor | None, cfg: Shar
     """Search every tree with `query` (None: language-modelling policy), gather and rotate.
 
     The selection and the in-chunk order are computed on small index tensors first; the K/V are
-    then copied once per level straight to their final slots (in the tree dtype, on the CPU), moved
-    to the device and cast once, and rotated by their chunk's position."""
+    then copied once per level straight to their final slots (in the tree dtype, where the tree's K/V
+    live: host memory, or the GPU for a tree moved there with `kv_to`), moved to the device and
+    cast once, and rotated by their chunk's position."""
     if not trees:
         raise ValueError("build_memory needs at least one context tree")
     if top_k_chunks is not None and query is not None:
@@ -113,7 +114,7 @@ def build_memory(trees: list[ContextTree], query: torch.Tensor | None, cfg: Shar
     m, nkv, hd = ref.shape[2], ref.shape[3], ref.shape[5]
     gathered = []
     for source in ("keys", "values"):
-        out = torch.empty(m, nkv, positions.numel(), hd, dtype=ref.dtype)
+        out = torch.empty(m, nkv, positions.numel(), hd, dtype=ref.dtype, device=ref.device)  # the tree's device
         first = 0
         for tree, preserved, chunks, dest in plans:
             gather_into(out, source, tree, preserved, chunks, dest, first)

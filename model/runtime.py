@@ -104,12 +104,13 @@ class LoadedModel:
 
 
 def load_model(model_path: str | Path | None = None, data_dir: str | Path = "data",
-               device: str | None = "auto", dtype: str | None = None, weights: str | Path | None = None,
+               device: str | None = "auto", dtype: str | None = None, weights: str | Path | bool | None = None,
                attention: str | None = None, **config_overrides) -> LoadedModel:
     """Loads a checkpoint and its SharedLLM weights.
 
     `weights`: a directory with xattn.safetensors + sharedllm_config.json; None means the trained
-    default for the bundled model when `model_path` is None (if present), else fresh `copy` init.
+    default for the bundled model when `model_path` is None (if present), else fresh `copy` init;
+    False means a fresh initialisation (`init_mode`) even where trained weights exist.
     """
     started = time.perf_counter()
     data_dir = Path(data_dir)
@@ -120,6 +121,8 @@ def load_model(model_path: str | Path | None = None, data_dir: str | Path = "dat
     tokenizer = load_tokenizer(checkpoint)
     if weights is None and model_path is None and (DEFAULT_WEIGHTS_DIR / WEIGHTS_FILE).is_file():
         weights = DEFAULT_WEIGHTS_DIR
+    if weights is False:  # explicitly none (training from an initialisation)
+        weights = None
     if weights is not None:
         weights = Path(weights)
         if not (weights / WEIGHTS_FILE).is_file() or not (weights / CONFIG_FILE).is_file():

@@ -65,6 +65,14 @@ class ContextTree:
     def nbytes(self) -> int:
         return sum(getattr(lv, f).nbytes for lv in self.levels for f in TreeLevel.FIELDS)
 
+    def kv_to(self, device: torch.device | str) -> ContextTree:
+        """The same tree with its keys/values on `device` (a GPU-resident tree for hot documents: the
+        query then gathers on the GPU instead of copying the memory over PCIe). Positions, spans and
+        vectors stay where they are: the search reads them as small host tensors."""
+        levels = [TreeLevel(keys=lv.keys.to(device), values=lv.values.to(device), positions=lv.positions,
+                            spans=lv.spans, vectors=lv.vectors) for lv in self.levels]
+        return ContextTree(levels=levels, n_tokens=self.n_tokens, chunk_len=self.chunk_len)
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Flat, contiguous, safetensors-ready dict (exact round trip with `from_tensors`)."""
         out = {"tree.meta": torch.tensor([self.n_tokens, self.chunk_len, self.height], dtype=torch.int64)}
@@ -208,6 +216,8 @@ def encode_tree(base: Transformer, token_ids, cfg: SharedLLMConfig, progress: Pr
 
 def _encode_batch(base: Transformer, ids: torch.Tensor, batch: list[_Node], lv: TreeLevel,
                   cfg: SharedLLMConfig, level: int, device: torch.device) -> None:
+    """Encodes one batch of nodes; the kept positions are gathered on the device and moved to the
+    host in one transfer per tensor (on a GPU, per-node copies would cost a sync each)."""
     width = max(n.length for n in batch)
     tokens = torch.zeros((len(batch), width), dtype=torch.long)
     for row, node in enumerate(batch):
@@ -216,14 +226,22 @@ def _encode_batch(base: Transformer, ids: torch.Tensor, batch: list[_Node], lv: 
     with torch.autocast(device.type, dtype=getattr(torch, cfg.encode_dtype), enabled=autocast):
         keys, values, hidden1 = lower_forward(base, tokens.to(device), cfg.n_inject_layers)
     rate, slots = cfg.keep_rates[level - 1], cfg.slots(level)
-    for row, node in enumerate(batch):
-        kept = keep_indices(node.length, slots, rate)
-        k = len(kept)
-        index = torch.tensor(kept, device=device)
-        lv.keys[node.chunk, node.index, :, :, :k] = keys[row][:, :, index].to("cpu", lv.keys.dtype)
-        lv.values[node.chunk, node.index, :, :, :k] = values[row][:, :, index].to("cpu", lv.values.dtype)
-        lv.positions[node.chunk, node.index, :k] = torch.tensor(kept, dtype=torch.int32)
-        starts = [0] + [p + 1 for p in kept[:-1]]
+    kept = [keep_indices(node.length, slots, rate) for node in batch]
+    index = torch.zeros((len(batch), slots), dtype=torch.long)
+    for row, positions in enumerate(kept):
+        index[row, : len(positions)] = torch.tensor(positions, dtype=torch.long)
+    # keys/values (B, M, nkv, T, hd) -> (B, M, nkv, slots, hd): one gather, one copy each
+    gather = index.to(device)[:, None, None, :, None].expand(-1, *keys.shape[1:3], -1, keys.shape[-1])
+    kept_keys = keys.gather(3, gather).to("cpu", lv.keys.dtype)
+    kept_values = values.gather(3, gather).to("cpu", lv.values.dtype)
+    vectors = torch.stack([node_vector(hidden1[row], node.length, cfg.retrieval_vector)
+                           for row, node in enumerate(batch)]).cpu()
+    for row, (node, positions) in enumerate(zip(batch, kept)):
+        k = len(positions)
+        lv.keys[node.chunk, node.index, :, :, :k] = kept_keys[row, :, :, :k]
+        lv.values[node.chunk, node.index, :, :, :k] = kept_values[row, :, :, :k]
+        lv.positions[node.chunk, node.index, :k] = torch.tensor(positions, dtype=torch.int32)
+        starts = [0] + [p + 1 for p in positions[:-1]]
         lv.spans[node.chunk, node.index, :k, 0] = torch.tensor(starts, dtype=torch.int32) + node.start
-        lv.spans[node.chunk, node.index, :k, 1] = torch.tensor(kept, dtype=torch.int32) + node.start + 1
-        lv.vectors[node.chunk, node.index] = node_vector(hidden1[row], node.length, cfg.retrieval_vector).cpu()
+        lv.spans[node.chunk, node.index, :k, 1] = torch.tensor(positions, dtype=torch.int32) + node.start + 1
+        lv.vectors[node.chunk, node.index] = vectors[row]

@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-top-layers", type=int, default=0)
     parser.add_argument("--max-context-tokens", type=int, default=None)
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--time-budget-s", type=float, default=None,
+                        help="wall-clock budget: fewer steps (schedule intact) if --steps would not fit")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -41,7 +43,8 @@ def run(args: argparse.Namespace, data_dir: Path) -> Path:
     overrides = {} if args.init_weights else {"init_mode": args.init_mode}
     if args.retrieval_vector:
         overrides["retrieval_vector"] = args.retrieval_vector
-    lm = load_model(args.base_model, data_dir, device=args.device, dtype="float32", weights=args.init_weights,
+    # without --init-weights: a fresh `--init-mode` start, never the shipped weights picked up silently
+    lm = load_model(args.base_model, data_dir, device=args.device, dtype="float32", weights=args.init_weights or False,
                     **overrides)
     train_items = ShardReader(args.train_data, with_meta=False)
     eval_items = []
@@ -52,9 +55,10 @@ def run(args: argparse.Namespace, data_dir: Path) -> Path:
     cfg = TrainConfig(out=out, steps=args.steps, lr=args.lr, warmup=args.warmup, grad_accum=args.grad_accum,
                       eval_every=args.eval_every, eval_items=args.eval_items, save_every=args.save_every,
                       train_top_layers=args.train_top_layers, max_context_tokens=args.max_context_tokens,
-                      gradient_checkpointing=not args.no_gradient_checkpointing, seed=args.seed)
+                      gradient_checkpointing=not args.no_gradient_checkpointing, seed=args.seed,
+                      time_budget_s=args.time_budget_s)
     train(lm.model, lm.tokenizer, train_items, eval_items, cfg, title=f"SharedLLM on {lm.name}: {args.steps} steps")
-    lm.model.save_pretrained(out / "weights", extra={"steps": args.steps, "train_data": str(args.train_data)})
+    lm.model.save_pretrained(out / "weights", extra={"steps": cfg.steps, "train_data": str(args.train_data)})
     log.info("weights written to %s", out / "weights")
     return out / "weights"
 

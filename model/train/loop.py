@@ -44,6 +44,10 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     max_context_tokens: int | None = None  # truncate contexts (CPU budgets)
     seed: int = 0
+    # wall-clock budget (seconds, None = none): after `calibration_steps` the step count shrinks to
+    # what fits, so the cosine schedule still completes; past the budget training stops and saves
+    time_budget_s: float | None = None
+    calibration_steps: int = 20
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -172,6 +176,18 @@ def plot_history(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def fit_steps_to_budget(cfg: TrainConfig, step: int, elapsed: float, start: int) -> None:
+    """Shrinks `cfg.steps` to what the rest of the time budget allows at the pace measured so far
+    (evaluations included), keeping 5% in reserve for the last checkpoint."""
+    per_step = elapsed / max(1, step - start)
+    remaining = cfg.time_budget_s * 0.95 - elapsed
+    fit = step + max(1, int(remaining / per_step))
+    if fit < cfg.steps:
+        log.info("%.2f s per step: %d steps fit the %.0f s budget (asked for %d)", per_step, fit,
+                 cfg.time_budget_s, cfg.steps)
+        cfg.steps = fit
+
+
 def train(model: SharedLLM, tokenizer, train_items, eval_items: list[dict], cfg: TrainConfig,
           title: str = "SharedLLM training") -> list[dict]:
     """Runs (or resumes) training; returns the loss history. `train_items` supports len/indexing."""
@@ -190,8 +206,16 @@ def train(model: SharedLLM, tokenizer, train_items, eval_items: list[dict], cfg:
     if start == 0 and eval_items:  # the starting point (for `zero` init: the base model without context)
         history.append({"step": 0, "eval_loss": evaluate(model, eval_items, tokenizer, cfg)})
         log.info("step 0 held-out loss %.4f", history[-1]["eval_loss"])
-    for step in range(start, cfg.steps):
-        model.train()
+    step = start
+    while step < cfg.steps:
+        if cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s:
+            log.warning("time budget of %.0f s spent at step %d of %d: stopping", cfg.time_budget_s, step, cfg.steps)
+            cfg.steps = step
+            save_checkpoint(model, optimizer, step, history, cfg, params)
+            plot_history(history, cfg.out / "loss.png", title)
+            break
+        if cfg.time_budget_s is not None and step == start + cfg.calibration_steps:
+            fit_steps_to_budget(cfg, step, time.perf_counter() - started, start)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         total = 0.0
@@ -213,6 +237,7 @@ def train(model: SharedLLM, tokenizer, train_items, eval_items: list[dict], cfg:
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(model, optimizer, step + 1, history, cfg, params)
             plot_history(history, cfg.out / "loss.png", title)
+        step += 1
     model.base.gradient_checkpointing = False
     model.eval()
     return history

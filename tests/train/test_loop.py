@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from model.testing import make_shared, random_transformer, tiny_config
-from model.train.loop import TrainConfig, lr_at, train
+from model.train.loop import TrainConfig, fit_steps_to_budget, lr_at, train
 
 
 class _Tok:
@@ -40,7 +40,7 @@ def test_tiny_training_reduces_loss_and_resumes(tmp_path):
     assert evals[-1] < evals[0] * 0.98 or np.mean(losses[-8:]) < np.mean(losses[:8]) * 0.95
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert json.loads((tmp_path / "checkpoint" / "trainer.json").read_text())["step"] == 30
-    # resuming with more steps continues from step 40, not from scratch
+    # resuming with more steps continues from step 30, not from scratch
     cfg2 = TrainConfig(out=tmp_path, steps=32, lr=5e-3, warmup=3, grad_accum=1, eval_every=100, save_every=100)
     more = train(model, _Tok(), items, [], cfg2)
     assert [h["step"] for h in more if "loss" in h][-2:] == [31, 32]
@@ -67,3 +67,24 @@ def test_export_casts_to_bf16_keeps_metadata_and_adds_the_warning(tmp_path):
     for (name, a), (_, b) in zip(shared.xattn.state_dict().items(), loaded.xattn.state_dict().items()):
         assert b.dtype == torch.float32  # cast back to the model's dtype on load
         torch.testing.assert_close(b, a.to(torch.bfloat16).float(), rtol=0, atol=0, msg=name)
+
+
+def test_time_budget_shrinks_the_schedule_to_what_fits(tmp_path):
+    cfg = TrainConfig(out=tmp_path, steps=1000, time_budget_s=100.0)
+    fit_steps_to_budget(cfg, step=20, elapsed=10.0, start=0)  # 0.5 s/step, 85 s left -> 170 more
+    assert cfg.steps == 20 + 170
+    fit_steps_to_budget(cfg, step=20, elapsed=1.0, start=0)  # a faster pace never adds steps
+    assert cfg.steps == 190
+
+
+def test_training_stops_at_its_time_budget_and_saves(tmp_path):
+    torch.manual_seed(0)
+    model = make_shared(random_transformer(tiny_config(vocab_size=128), seed=0), init_mode="zero")
+    cfg = TrainConfig(out=tmp_path, steps=10_000, lr=5e-3, warmup=3, grad_accum=1, eval_every=10_000,
+                      save_every=10_000, time_budget_s=3.0, calibration_steps=5)
+    history = train(model, _Tok(), _items(8), [], cfg)
+    steps = [h["step"] for h in history if "loss" in h]
+    assert 5 <= steps[-1] < 10_000 and cfg.steps == steps[-1]
+    assert history[-1]["elapsed_s"] < 6.0
+    saved = json.loads((tmp_path / "checkpoint" / "trainer.json").read_text())
+    assert saved["step"] == steps[-1]

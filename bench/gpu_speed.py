@@ -1,0 +1,288 @@
+"""`gpu`: sharedllm vs full-attention speed and memory on a CUDA device, 8K-128K tokens.
+
+Two halves, because the GPU machine that measures has none of the app's dependencies and nothing
+of this checkout's plotting set-up:
+
+    python -m bench.gpu_speed measure --out results.json [--configs llama-2-7b,llama-3-8b,default]
+    python -m bench.gpu_speed report results.json            # here: section + plots in docs/benchmarks.md
+
+`measure` needs only torch and `model/`. Large models use randomly initialised weights of the real
+configuration (speed and memory do not depend on weight values; their answers are meaningless and
+nothing reads them); `default` is the bundled SmolLM2-135M-Instruct with its real weights. Per
+document length and model it records, in one process, pair by pair:
+
+- sharedllm: tree encoding (ingestion tokens/s), TTFT on the already-encoded tree (query vector +
+  query-aware search + gather + prefill of the question with cross-attention + first token), decode
+  tokens/s with the memory, peak GPU memory of the query;
+- full: the whole document plus the question in the prompt, full causal attention over all of it
+  (no truncation: what a long-context model pays), TTFT, decode tokens/s and peak GPU memory;
+- rag-sized prompt: 4 chunks of L tokens plus the question, the model-side cost of the rag engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("bench.gpu_speed")
+
+# Public configurations (config.json of meta-llama/Llama-2-7b-hf and Meta-Llama-3-8B).
+CONFIGS = {
+    "llama-2-7b": dict(vocab_size=32000, n_layer=32, n_head=32, n_kv_head=32, dim=4096, intermediate_size=11008,
+                       head_dim=128, rope_theta=10000.0, norm_eps=1e-5, max_position=4096),
+    "tiny": dict(vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, dim=64, intermediate_size=128, head_dim=16),
+    "llama-3-8b": dict(vocab_size=128256, n_layer=32, n_head=32, n_kv_head=8, dim=4096, intermediate_size=14336,
+                       head_dim=128, rope_theta=500000.0, norm_eps=1e-5, max_position=8192),
+}
+QUESTION_TOKENS = 24
+NEW_TOKENS = 32
+RAG_CHUNKS = 4
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn):
+    _sync()
+    t0 = time.perf_counter()
+    out = fn()
+    _sync()
+    return time.perf_counter() - t0, out
+
+
+def _peak_reset() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def random_model(name: str, device: torch.device, dtype: torch.dtype):
+    """SharedLLM over a randomly initialised base of a public configuration (default knobs)."""
+    from model.config import ModelConfig, SharedLLMConfig
+    from model.decoder import Transformer
+    from model.sharedllm import SharedLLM
+
+    cfg = ModelConfig(**CONFIGS[name])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):  # built where it runs: a CPU init of 7B parameters takes minutes
+            base = Transformer(cfg, attention="sdpa")
+            for p in base.parameters():  # small values keep bf16 activations finite
+                torch.nn.init.normal_(p, std=0.02)
+            base.inv_freq = base.inv_freq.to(device)
+            model = SharedLLM(base, SharedLLMConfig.for_model(cfg)).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    return model, f"{name} (random weights)"
+
+
+def default_model(device: torch.device, data_dir: str):
+    from model.runtime import load_model
+
+    lm = load_model(None, data_dir, device=str(device), dtype="bfloat16")
+    return lm.model, "SmolLM2-135M-Instruct (real weights)"
+
+
+def prefill_and_decode(model, prompt: torch.Tensor, memory, new_tokens: int) -> tuple[float, float]:
+    """(TTFT of the prompt, decode tokens/s) with a KV cache, greedy; times include syncs."""
+    from model.generate import decode_one_token, prefill
+
+    base = model.base
+    device = prompt.device
+    cache = base.new_cache(1, prompt.shape[1] + new_tokens + 1)
+    run_model = model if memory is not None else base
+    ttft, logits = _timed(lambda: prefill(run_model, prompt, memory, cache))
+    token = int(logits.argmax())
+    position = prompt.shape[1]
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        logits = decode_one_token(run_model, token, position, memory, cache, device)
+        token = int(logits.argmax())
+        position += 1
+    _sync()
+    decode_s = time.perf_counter() - t0
+    del cache
+    return ttft, new_tokens / decode_s
+
+
+def measure_length(model, n_tokens: int, device: torch.device, vocab: int, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    doc = torch.randint(100, vocab, (n_tokens,), generator=gen)
+    question = torch.randint(100, vocab, (QUESTION_TOKENS,), generator=gen)
+    row: dict = {"tokens": n_tokens}
+    # sharedllm: ingestion, then queries on the stored tree
+    encode_s, tree = _timed(lambda: model.encode_tree(doc))
+    row["sharedllm_encode_s"] = encode_s
+    row["sharedllm_encode_tok_s"] = n_tokens / encode_s
+    row["tree_bytes_per_token"] = tree.nbytes() / n_tokens
+    for where, t in (("ram", tree), ("gpu", tree.kv_to(device) if device.type == "cuda" else None)):
+        if t is None:
+            continue
+        _peak_reset()
+        ttfts, retrievals, decode, memory = [], [], None, None
+        for _ in range(3):
+            def query(t=t):
+                return model.build_memory([t], model.query_vector(question))
+            retrieval_s, memory = _timed(query)
+            ttft, decode = prefill_and_decode(model, question[None].to(device), memory, NEW_TOKENS)
+            ttfts.append(retrieval_s + ttft)
+            retrievals.append(retrieval_s)
+        row["memory_positions"] = memory.n_positions
+        row[f"memory_checksum_{where}"] = float(memory.keys.double().square().sum())  # both paths: the same memory
+        row[f"sharedllm_{where}_search_gather_s"] = statistics.median(retrievals)
+        row[f"sharedllm_{where}_ttft_s"] = statistics.median(ttfts)
+        row[f"sharedllm_{where}_decode_tok_s"] = decode
+        row[f"sharedllm_{where}_peak_gib"] = _peak_gib()
+        del memory, t
+    del tree
+    # rag-sized prompt: 4 chunks + question
+    rag_prompt = torch.cat([doc[: RAG_CHUNKS * model.config.chunk_len], question])[None].to(device)
+    rag = [prefill_and_decode(model, rag_prompt, None, NEW_TOKENS) for _ in range(2)][-1]
+    row["rag_prompt_tokens"] = rag_prompt.shape[1]
+    row["rag_ttft_s"], row["rag_decode_tok_s"] = rag
+    # full: everything in the prompt
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    _peak_reset()
+    full_prompt = torch.cat([doc, question])[None].to(device)
+    try:
+        repeats = 2 if n_tokens <= 32768 else 1
+        results = [prefill_and_decode(model, full_prompt, None, NEW_TOKENS) for _ in range(repeats)]
+        row["full_ttft_s"], row["full_decode_tok_s"] = min(r[0] for r in results), results[-1][1]
+        row["full_peak_gib"] = _peak_gib()
+    except torch.OutOfMemoryError as exc:  # reported, not hidden
+        row["full_error"] = f"out of memory: {str(exc).splitlines()[0]}"
+    del full_prompt
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    for where in ("ram", "gpu"):
+        if row.get("full_ttft_s") and row.get(f"sharedllm_{where}_ttft_s"):
+            row[f"ttft_speedup_{where}"] = row["full_ttft_s"] / row[f"sharedllm_{where}_ttft_s"]
+    log.info("%s", json.dumps(row))
+    return row
+
+
+def measure(args: argparse.Namespace) -> int:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    lengths = [int(x) for x in args.lengths.split(",")]
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "python": sys.version.split()[0], "dtype": str(dtype).replace("torch.", ""),
+           "command": "python -m bench.gpu_speed measure " + " ".join(sys.argv[2:]),
+           "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "models": []}
+    path = Path(args.out)
+    for name in args.configs.split(","):
+        t0 = time.perf_counter()
+        model, label = default_model(device, args.data_dir) if name == "default" else random_model(name, device, dtype)
+        entry = {"name": name, "label": label, "load_s": time.perf_counter() - t0,
+                 "attention": model.base.attention_backend, "n_inject_layers": model.config.n_inject_layers,
+                 "chunk_len": model.config.chunk_len, "weights_gib": sum(p.numel() * p.element_size()
+                                                                         for p in model.parameters()) / 2**30,
+                 "rows": []}
+        out["models"].append(entry)
+        measure_length(model, min(lengths), device, model.base.config.vocab_size, seed=0)  # warm-up
+        for n in lengths:
+            entry["rows"].append(measure_length(model, n, device, model.base.config.vocab_size, seed=n))
+            path.write_text(json.dumps(out, indent=1))  # what was measured survives a timeout
+        del model
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    path.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """Writes the `gpu` section of docs/benchmarks.md (tables, ratios, plots) from measured JSON."""
+    from bench.report import Section, Table, plot_lines, write_raw, write_section
+
+    data = json.loads(Path(args.results).read_text())
+    md = Path(args.md)
+    img = md.parent / "img"
+    section = Section(key="gpu", title=f"GPU: sharedllm vs full attention, 8K-128K ({data['device']})",
+                      machine=f"{data['device']}, torch {data['torch']}, {data['dtype']}", command=data["command"],
+                      weights="see each table", started=data["started"])
+    for entry in data["models"]:
+        rows = entry["rows"]
+        g = "gpu" if any("sharedllm_gpu_ttft_s" in r for r in rows) else "ram"
+        section.tables.append(Table(
+            ["document tokens", "encode s", "ingest tok/s", "full TTFT s", "sharedllm TTFT s (tree on GPU)",
+             "full ÷ sharedllm (tree on GPU)", "sharedllm TTFT s (tree in RAM)", "full ÷ sharedllm (tree in RAM)",
+             "rag-size TTFT s", "decode tok/s sharedllm / full", "peak GiB sharedllm / full"],
+            [[r["tokens"], r["sharedllm_encode_s"], r["sharedllm_encode_tok_s"], r.get("full_ttft_s", r.get("full_error")),
+              r.get("sharedllm_gpu_ttft_s"), r.get("ttft_speedup_gpu"), r["sharedllm_ram_ttft_s"],
+              r.get("ttft_speedup_ram"), r["rag_ttft_s"],
+              f"{r[f'sharedllm_{g}_decode_tok_s']:.1f} / {r.get('full_decode_tok_s') or float('nan'):.1f}",
+              f"{r[f'sharedllm_{g}_peak_gib'] or 0:.1f} / {r.get('full_peak_gib') or float('nan'):.1f}"]
+             for r in rows],
+            title=(f"{entry['label']}: attention {entry['attention']}, M = {entry['n_inject_layers']}, "
+                   f"L = {entry['chunk_len']}, weights {entry['weights_gib']:.1f} GiB, loaded in {entry['load_s']:.1f} s")))
+        xs = [r["tokens"] for r in rows]
+        name = entry["name"]
+        series = {"sharedllm, tree in RAM": (xs, [r["sharedllm_ram_ttft_s"] for r in rows]),
+                  "sharedllm, tree on GPU": (xs, [r.get("sharedllm_gpu_ttft_s") for r in rows]),
+                  f"rag-size prompt ({rows[0]['rag_prompt_tokens']} tokens)": (xs, [r["rag_ttft_s"] for r in rows])}
+        full = [(r["tokens"], r["full_ttft_s"]) for r in rows if r.get("full_ttft_s")]
+        if full:
+            series["full attention"] = tuple(map(list, zip(*full)))
+        path = plot_lines(img / f"gpu-ttft-{name}.png", f"TTFT vs document length, {entry['label']}",
+                          "document tokens", "seconds", series, section.machine, section.command, entry["label"],
+                          logx=True, logy=True)
+        section.figures.append(str(path.relative_to(md.parent)))
+        mem = {"sharedllm query (tree in RAM)": (xs, [r["sharedllm_ram_peak_gib"] for r in rows]),
+               "sharedllm query (tree on GPU)": (xs, [r.get("sharedllm_gpu_peak_gib") for r in rows])}
+        fm = [(r["tokens"], r["full_peak_gib"]) for r in rows if r.get("full_peak_gib")]
+        if fm:
+            mem["full attention"] = tuple(map(list, zip(*fm)))
+        path = plot_lines(img / f"gpu-memory-{name}.png", f"peak GPU memory vs document length, {entry['label']}",
+                          "document tokens", "GiB", mem, section.machine, section.command, entry["label"], logx=True)
+        section.figures.append(str(path.relative_to(md.parent)))
+    section.notes += [
+        "Pairs are measured in one process on the same random token ids; TTFT is the median of 3 for sharedllm "
+        "(query vector + search + gather + prefill of the question with cross-attention + first token), with the "
+        "tree's K/V in host RAM (as the store maps it: the memory crosses PCIe per question) and resident on the "
+        "GPU (`ContextTree.kv_to`: the gather runs on the GPU), and the "
+        "best of 1-2 for full (the whole document + question prefilled, causal attention over all of it, no "
+        "truncation). Decode: 32 greedy tokens with the KV cache.",
+        "Random weights of a public configuration measure speed and memory only (kernels do not depend on the "
+        "values); `default` rows use the bundled model's real weights.",
+        "flash-attn: no wheel reaches the GPU machine (no registry there; PyPI ships flash-attn as source), so "
+        "attention ran through PyTorch SDPA, which picks its own flash kernel for bf16 on Hopper.",
+    ]
+    write_section(md, section)
+    write_raw(Path(args.raw_dir) / "gpu.json", section)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("--out", required=True)
+    m.add_argument("--configs", default="llama-2-7b,llama-3-8b")
+    m.add_argument("--lengths", default="8192,16384,32768,65536,131072")
+    m.add_argument("--device", default="auto")
+    m.add_argument("--data-dir", default="data")
+    r = sub.add_parser("report")
+    r.add_argument("results")
+    r.add_argument("--md", default="docs/benchmarks.md")
+    r.add_argument("--raw-dir", default="bench/results")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return measure(args) if args.cmd == "measure" else report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
