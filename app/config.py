@@ -42,6 +42,9 @@ class Settings:
     retrieval_vector: str | None = None
     # "auto" picks CUDA when available, else CPU.
     device: str = "auto"
+    # GPU memory (GiB) for the trees of recently asked documents (CUDA only; 0 disables): a question
+    # on a cached document gathers its memory on the GPU instead of copying it from the store.
+    gpu_tree_cache_gb: float = 8.0
     # Web server bind address. 127.0.0.1 by default: expose it deliberately (docker sets 0.0.0.0).
     host: str = "127.0.0.1"
     port: int = 7860
@@ -77,6 +80,8 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.gpu_tree_cache_gb < 0:
+            raise ConfigError(f"gpu_tree_cache_gb must be >= 0, got {self.gpu_tree_cache_gb}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
 

@@ -130,9 +130,10 @@ def measure_length(model, n_tokens: int, device: torch.device, vocab: int, seed:
     row["sharedllm_encode_s"] = encode_s
     row["sharedllm_encode_tok_s"] = n_tokens / encode_s
     row["tree_bytes_per_token"] = tree.nbytes() / n_tokens
-    for where, t in (("ram", tree), ("gpu", tree.kv_to(device) if device.type == "cuda" else None)):
-        if t is None:
+    for where in ("ram", "gpu"):
+        if where == "gpu" and device.type != "cuda":
             continue
+        t = tree if where == "ram" else tree.kv_to(device)  # moved only now: the RAM peak excludes it
         _peak_reset()
         ttfts, retrievals, decode, memory = [], [], None, None
         for _ in range(3):
@@ -207,7 +208,10 @@ def report(args: argparse.Namespace) -> int:
     """Writes the `gpu` section of docs/benchmarks.md (tables, ratios, plots) from measured JSON."""
     from bench.report import Section, Table, plot_lines, write_raw, write_section
 
-    data = json.loads(Path(args.results).read_text())
+    runs = [json.loads(Path(path).read_text()) for path in args.results]
+    data = dict(runs[0])
+    data["models"] = [dict(m, command=run["command"]) for run in runs for m in run["models"]]
+    data["command"] = " ; ".join(dict.fromkeys(run["command"] for run in runs))
     md = Path(args.md)
     img = md.parent / "img"
     section = Section(key="gpu", title=f"GPU: sharedllm vs full attention, 8K-128K ({data['device']})",
@@ -227,7 +231,8 @@ def report(args: argparse.Namespace) -> int:
               f"{r[f'sharedllm_{g}_peak_gib'] or 0:.1f} / {r.get('full_peak_gib') or float('nan'):.1f}"]
              for r in rows],
             title=(f"{entry['label']}: attention {entry['attention']}, M = {entry['n_inject_layers']}, "
-                   f"L = {entry['chunk_len']}, weights {entry['weights_gib']:.1f} GiB, loaded in {entry['load_s']:.1f} s")))
+                   f"L = {entry['chunk_len']}, weights {entry['weights_gib']:.1f} GiB, loaded in {entry['load_s']:.1f} s; "
+                   f"`{entry['command']}`")))
         xs = [r["tokens"] for r in rows]
         name = entry["name"]
         series = {"sharedllm, tree in RAM": (xs, [r["sharedllm_ram_ttft_s"] for r in rows]),
@@ -237,7 +242,7 @@ def report(args: argparse.Namespace) -> int:
         if full:
             series["full attention"] = tuple(map(list, zip(*full)))
         path = plot_lines(img / f"gpu-ttft-{name}.png", f"TTFT vs document length, {entry['label']}",
-                          "document tokens", "seconds", series, section.machine, section.command, entry["label"],
+                          "document tokens", "seconds", series, section.machine, entry["command"], entry["label"],
                           logx=True, logy=True)
         section.figures.append(str(path.relative_to(md.parent)))
         mem = {"sharedllm query (tree in RAM)": (xs, [r["sharedllm_ram_peak_gib"] for r in rows]),
@@ -246,7 +251,7 @@ def report(args: argparse.Namespace) -> int:
         if fm:
             mem["full attention"] = tuple(map(list, zip(*fm)))
         path = plot_lines(img / f"gpu-memory-{name}.png", f"peak GPU memory vs document length, {entry['label']}",
-                          "document tokens", "GiB", mem, section.machine, section.command, entry["label"], logx=True)
+                          "document tokens", "GiB", mem, section.machine, entry["command"], entry["label"], logx=True)
         section.figures.append(str(path.relative_to(md.parent)))
     section.notes += [
         "Pairs are measured in one process on the same random token ids; TTFT is the median of 3 for sharedllm "
@@ -257,6 +262,8 @@ def report(args: argparse.Namespace) -> int:
         "truncation). Decode: 32 greedy tokens with the KV cache.",
         "Random weights of a public configuration measure speed and memory only (kernels do not depend on the "
         "values); `default` rows use the bundled model's real weights.",
+        "peak GiB sharedllm: the query with the tree resident on the GPU (weights + the tree's K/V + the memory); "
+        "full: weights + the KV cache of the whole document + activations of its prefill.",
         "flash-attn: no wheel reaches the GPU machine (no registry there; PyPI ships flash-attn as source), so "
         "attention ran through PyTorch SDPA, which picks its own flash kernel for bf16 on Hopper.",
     ]
@@ -276,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--device", default="auto")
     m.add_argument("--data-dir", default="data")
     r = sub.add_parser("report")
-    r.add_argument("results")
+    r.add_argument("results", nargs="+", help="JSON files written by `measure` (one section for all)")
     r.add_argument("--md", default="docs/benchmarks.md")
     r.add_argument("--raw-dir", default="bench/results")
     args = parser.parse_args(argv)

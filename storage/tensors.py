@@ -20,6 +20,8 @@ import logging
 import os
 import re
 import struct
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,11 +98,26 @@ def _safe_name(fingerprint: str) -> str:
     return name
 
 
+def _file_identity(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class TensorStore:
     """Files live at `<root>/<document_id>/<fingerprint>.safetensors`."""
 
+    # A file verified in this process is not hashed again while its identity (inode, size, mtime,
+    # ctime) is unchanged: any write to it, a truncation or a flipped bit, moves its ctime, which user
+    # space cannot set back. Only files settled for SETTLED_S are remembered, so a write within the
+    # file system's timestamp granularity of the verification cannot hide. Media corruption under an
+    # unchanged file is caught by the next process's first read. Hashing a 128K-token tree of a 7B
+    # model (15 GB) per question would cost seconds of every answer.
+    SETTLED_S = 2.0
+
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+        self._verified: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._verified_lock = threading.Lock()
 
     def relative_path(self, document_id: int, fingerprint: str) -> str:
         return f"{int(document_id)}/{_safe_name(fingerprint)}{SUFFIX}"
@@ -140,10 +157,20 @@ class TensorStore:
 
     def verify(self, path: str, sha256: str) -> None:
         """Raise a specific TensorStoreError unless the file is complete and matches `sha256`."""
-        self._read_header(self.absolute(path))
-        actual = file_sha256(self.absolute(path))
+        absolute = self.absolute(path)
+        self._read_header(absolute)
+        identity = _file_identity(absolute)
+        with self._verified_lock:
+            if self._verified.get(str(absolute)) == (identity, sha256):
+                return
+        actual = file_sha256(absolute)
         if actual != sha256:
+            with self._verified_lock:
+                self._verified.pop(str(absolute), None)
             raise TensorChecksumMismatch(path, f"sha256 {actual[:12]}... != recorded {sha256[:12]}...")
+        if time.time() - identity[2] / 1e9 > self.SETTLED_S and _file_identity(absolute) == identity:
+            with self._verified_lock:
+                self._verified[str(absolute)] = (identity, sha256)
 
     def load(self, path: str, sha256: str | None) -> dict[str, torch.Tensor]:
         """Memory-map the file's tensors after checking its structure and (when given) its sha256."""
@@ -196,6 +223,8 @@ class TensorStore:
 
     def delete(self, path: str) -> None:
         absolute = self.absolute(path)
+        with self._verified_lock:
+            self._verified.pop(str(absolute), None)
         absolute.unlink(missing_ok=True)
         try:
             absolute.parent.rmdir()  # only succeeds when the document has no other file

@@ -176,15 +176,17 @@ def plot_history(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def fit_steps_to_budget(cfg: TrainConfig, step: int, elapsed: float, start: int) -> None:
-    """Shrinks `cfg.steps` to what the rest of the time budget allows at the pace measured so far
-    (evaluations included), keeping 5% in reserve for the last checkpoint."""
-    per_step = elapsed / max(1, step - start)
+def fit_steps_to_budget(cfg: TrainConfig, step: int, elapsed: float, start: int, per_step: float | None = None,
+                        ceiling: int | None = None) -> None:
+    """Sets `cfg.steps` to what the rest of the time budget allows at `per_step` (default: the
+    average pace so far, evaluations included), keeping 5% in reserve for the last checkpoint and
+    never above `ceiling` (the steps asked for). The cosine schedule follows the new length."""
+    per_step = per_step or elapsed / max(1, step - start)
     remaining = cfg.time_budget_s * 0.95 - elapsed
-    fit = step + max(1, int(remaining / per_step))
-    if fit < cfg.steps:
-        log.info("%.2f s per step: %d steps fit the %.0f s budget (asked for %d)", per_step, fit,
-                 cfg.time_budget_s, cfg.steps)
+    fit = min(step + max(1, int(remaining / per_step)), ceiling or cfg.steps)
+    if fit != cfg.steps:
+        log.info("%.2f s per step: %d steps fit the %.0f s budget (was %d)", per_step, fit, cfg.time_budget_s,
+                 cfg.steps)
         cfg.steps = fit
 
 
@@ -207,6 +209,7 @@ def train(model: SharedLLM, tokenizer, train_items, eval_items: list[dict], cfg:
         history.append({"step": 0, "eval_loss": evaluate(model, eval_items, tokenizer, cfg)})
         log.info("step 0 held-out loss %.4f", history[-1]["eval_loss"])
     step = start
+    requested_steps = cfg.steps
     while step < cfg.steps:
         if cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s:
             log.warning("time budget of %.0f s spent at step %d of %d: stopping", cfg.time_budget_s, step, cfg.steps)
@@ -214,8 +217,12 @@ def train(model: SharedLLM, tokenizer, train_items, eval_items: list[dict], cfg:
             save_checkpoint(model, optimizer, step, history, cfg, params)
             plot_history(history, cfg.out / "loss.png", title)
             break
-        if cfg.time_budget_s is not None and step == start + cfg.calibration_steps:
-            fit_steps_to_budget(cfg, step, time.perf_counter() - started, start)
+        if cfg.time_budget_s is not None and step > start and (step - start) % cfg.calibration_steps == 0:
+            # re-fit at every calibration point from the recent pace (kernels warm up over the run)
+            now = time.perf_counter() - started
+            recent = [h for h in history if "elapsed_s" in h and h["step"] > step - cfg.calibration_steps]
+            window = (recent[-1]["elapsed_s"] - recent[0]["elapsed_s"]) / max(1, len(recent) - 1) if len(recent) > 2 else None
+            fit_steps_to_budget(cfg, step, now, start, per_step=window, ceiling=requested_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         total = 0.0

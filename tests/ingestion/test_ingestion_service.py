@@ -174,3 +174,46 @@ def test_tiny_model_end_to_end_exact_tree_round_trip(tiny_model, sessions, users
     for key in fresh:
         assert torch.equal(fresh[key], stored[key]), key
     assert page_text(1).split("\n")[0] in tiny_model.tokenizer.decode(loaded.token_ids.tolist())
+
+
+def test_device_tree_cache_serves_repeats_evicts_and_never_crosses_owners(service, users, tmp_path, monkeypatch):
+    from app.tree_cache import DeviceTreeCache
+
+    a = service.ingest(users[0], make_text_pdf(tmp_path / "a.pdf"))
+    b = service.ingest(users[0], make_text_pdf(tmp_path / "b.pdf", n_pages=4, header="Other Corp - Lease"))
+    loads = []
+    real_load = service.tensors.load
+    monkeypatch.setattr(service.tensors, "load", lambda *args: loads.append(args) or real_load(*args))
+    first, other = service.load_trees(users[0], [a.id, b.id])
+    room = max(first.tree.nbytes(), other.tree.nbytes())
+    service.tree_cache = DeviceTreeCache(max_bytes=room, device="cpu")  # room for one tree, not two
+    [cold] = service.load_trees(users[0], [a.id])
+    [warm] = service.load_trees(users[0], [a.id])
+    assert len(loads) == 3 and warm.tree is cold.tree  # second question: no file read
+    assert torch.equal(warm.token_ids, first.token_ids)
+    with pytest.raises(DocumentNotFound):  # a warm cache changes nothing for another user
+        service.load_trees(users[1], [a.id])
+    service.load_trees(users[0], [b.id])  # evicts a
+    assert len(service.tree_cache) == 1
+    service.load_trees(users[0], [a.id])
+    assert len(loads) == 5
+    assert service.delete_document(users[0], a.id)
+    assert len(service.tree_cache) == 0 and service.tree_cache.bytes == 0
+
+
+def test_device_tree_cache_drops_a_damaged_then_reencoded_tree(service, sessions, users, tmp_path, data_dir):
+    from app.tree_cache import DeviceTreeCache
+
+    doc = service.ingest(users[0], make_text_pdf(tmp_path / "a.pdf"))
+    service.tree_cache = DeviceTreeCache(max_bytes=10**7, device="cpu")
+    [cached] = service.load_trees(users[0], [doc.id])
+    with sessions() as s:
+        record = s.scalar(select(ContextTreeRecord))
+    path = data_dir / "trees" / record.path
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10
+    path.write_bytes(data)
+    calls = service.lm.encode_calls
+    [again] = service.load_trees(users[0], [doc.id])
+    assert service.lm.encode_calls == calls + 1 and again.tree is not cached.tree
+    assert len(service.tree_cache) == 1  # the stale entry went with the damaged file

@@ -121,3 +121,41 @@ def test_cleanup_removes_orphans_and_temp_files(store):
     removed = store.cleanup({keep.path})
     assert sorted(removed) == ["1/.f.safetensors.123.tmp", orphan.path]
     assert [p.relative_to(store.root).as_posix() for p in store.root.rglob("*")] == ["1", keep.path]
+
+
+def test_verify_skips_rehashing_an_unchanged_settled_file_but_catches_any_write(tmp_path, monkeypatch):
+    import os
+
+    from storage import tensors as tensors_module
+
+    store = TensorStore(tmp_path)
+    stored = store.save(7, "fp", {"x": torch.arange(1000, dtype=torch.float32)})
+    path = store.absolute(stored.path)
+    old = path.stat().st_mtime_ns - 10 * 10**9
+    os.utime(path, ns=(old, old))  # settled: written 10 s ago
+    hashed = []
+    real = tensors_module.file_sha256
+    monkeypatch.setattr(tensors_module, "file_sha256", lambda p: hashed.append(p) or real(p))
+    store.verify(stored.path, stored.sha256)
+    store.verify(stored.path, stored.sha256)
+    assert len(hashed) == 1
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(data)
+    os.utime(path, ns=(old, old))  # even with the old mtime put back, the ctime moved
+    with pytest.raises(TensorChecksumMismatch):
+        store.verify(stored.path, stored.sha256)
+    assert len(hashed) == 2
+
+
+def test_verify_rehashes_a_file_written_just_now(tmp_path, monkeypatch):
+    from storage import tensors as tensors_module
+
+    store = TensorStore(tmp_path)
+    stored = store.save(7, "fp", {"x": torch.arange(10, dtype=torch.float32)})
+    hashed = []
+    real = tensors_module.file_sha256
+    monkeypatch.setattr(tensors_module, "file_sha256", lambda p: hashed.append(p) or real(p))
+    store.verify(stored.path, stored.sha256)
+    store.verify(stored.path, stored.sha256)
+    assert len(hashed) == 2  # not settled: a write within the timestamp granularity could hide

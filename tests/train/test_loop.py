@@ -73,8 +73,10 @@ def test_time_budget_shrinks_the_schedule_to_what_fits(tmp_path):
     cfg = TrainConfig(out=tmp_path, steps=1000, time_budget_s=100.0)
     fit_steps_to_budget(cfg, step=20, elapsed=10.0, start=0)  # 0.5 s/step, 85 s left -> 170 more
     assert cfg.steps == 20 + 170
-    fit_steps_to_budget(cfg, step=20, elapsed=1.0, start=0)  # a faster pace never adds steps
-    assert cfg.steps == 190
+    fit_steps_to_budget(cfg, step=40, elapsed=20.0, start=0, per_step=0.25, ceiling=1000)  # warmed up: faster
+    assert cfg.steps == 40 + 300
+    fit_steps_to_budget(cfg, step=40, elapsed=20.0, start=0, per_step=0.01, ceiling=1000)  # never past the ask
+    assert cfg.steps == 1000
 
 
 def test_training_stops_at_its_time_budget_and_saves(tmp_path):
