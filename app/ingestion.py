@@ -132,10 +132,8 @@ class IngestionService:
         uploads_dir: Path | None = None,
         limits: ExtractionLimits | None = None,
         tree_factory: Callable[[dict[str, torch.Tensor]], Any] = _default_tree_factory,
-        tree_cache: Any | None = None,
     ) -> None:
         self.sessions = session_factory
-        self.tree_cache = tree_cache  # app.tree_cache.DeviceTreeCache (GPU-resident trees) or None
         self.tensors = tensor_store
         self.lm = loaded_model
         # Default: next to the tensor store, i.e. <data_dir>/uploads when the store is <data_dir>/trees.
@@ -321,21 +319,13 @@ class IngestionService:
             if doc is None:
                 raise DocumentNotFound(f"document {doc_id} not found")
             record = self.ensure_tree(doc, lm)
-            cache = self.tree_cache if lm is self.lm else None
-            cached = cache.get(record.path, record.sha256) if cache is not None else None
-            if cached is not None:
-                out.append(LoadedTree(document=doc, tree=cached[0], token_ids=cached[1]))
-                continue
             try:
                 tensors = self.tensors.load(record.path, None)  # verified by ensure_tree just now
             except TensorStoreError:
                 record = self._reencode(doc.id, lm, None)
                 tensors = self.tensors.load(record.path, record.sha256)
             token_ids = tensors.pop(TOKEN_IDS_KEY)
-            tree = self.tree_factory(tensors)
-            if cache is not None:
-                tree = cache.put(record.path, record.sha256, tree, token_ids)
-            out.append(LoadedTree(document=doc, tree=tree, token_ids=token_ids))
+            out.append(LoadedTree(document=doc, tree=self.tree_factory(tensors), token_ids=token_ids))
         return out
 
     # --- library --------------------------------------------------------------------------------
@@ -362,8 +352,6 @@ class IngestionService:
             upload = self._upload_path(owner_id, doc.sha256)
             s.delete(doc)
         for path in paths:
-            if self.tree_cache is not None:
-                self.tree_cache.discard_path(path)
             self.tensors.delete(path)
         upload.unlink(missing_ok=True)
         shutil.rmtree(Path(self.tensors.root) / str(doc_id), ignore_errors=True)

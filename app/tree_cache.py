@@ -4,7 +4,8 @@ Without it every question maps the stored tree and copies its memory to the GPU:
 Llama-2-7B shapes that is 1.9 s of a 128K-token document's TTFT, against 0.10 s when the tree's K/V
 already sit in GPU memory (docs/benchmarks.md, section "GPU"). Keyed by (tree path, sha256), so a
 re-encoded or replaced tree is a new entry and the old one is dropped; bounded in bytes, least
-recently used out first. Callers check ownership before they ask (IngestionService.load_trees).
+recently used out first. Callers check ownership before they ask (DocumentService.load_for_qa
+filters by owner first).
 """
 
 from __future__ import annotations
@@ -59,12 +60,13 @@ class DeviceTreeCache:
                 log.info("device tree cache: evicted %s (%d bytes)", old_path, old_size)
         return moved
 
-    def discard_path(self, path: str) -> None:
+    def discard_path(self, path: str, keep_sha256: str | None = None) -> None:
+        """Drops the entries of `path` (all, or all but the version `keep_sha256`)."""
         with self._lock:
-            self._discard_path_locked(path)
+            self._discard_path_locked(path, keep_sha256)
 
-    def _discard_path_locked(self, path: str) -> None:
-        for key in [k for k in self._entries if k[0] == path]:
+    def _discard_path_locked(self, path: str, keep_sha256: str | None = None) -> None:
+        for key in [k for k in self._entries if k[0] == path and k[1] != keep_sha256]:
             self.bytes -= self._entries.pop(key)[2]
 
     def __len__(self) -> int:

@@ -45,6 +45,8 @@ class AppContext:
         self._model_loader = model_loader or _load_default
         self._model_lock = threading.Lock()
         self._ingestion: Any | None = None
+        if model is not None:
+            self._attach_device_trees()
 
     def model(self) -> Any:
         """The LoadedModel, loaded on first use (seconds), shared by every request."""
@@ -52,7 +54,14 @@ class AppContext:
             with self._model_lock:
                 if self._model is None:
                     self._model = self._model_loader(self.settings)
+                    self._attach_device_trees()
         return self._model
+
+    def _attach_device_trees(self) -> None:
+        """On CUDA, questions read trees kept on the GPU (settings.gpu_tree_cache_gb)."""
+        from app.tree_cache import DeviceTreeCache
+
+        self.documents.device_trees = DeviceTreeCache.for_model(self._model, self.settings.gpu_tree_cache_gb)
 
     @property
     def model_loaded(self) -> bool:

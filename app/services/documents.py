@@ -117,6 +117,8 @@ class DocumentService:
         self._cache: OrderedDict[tuple[str, str], tuple[Any, list[int] | None]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        # On CUDA: trees kept on the GPU, bounded in bytes (app.tree_cache; set with the model).
+        self.device_trees: Any | None = None
 
     def list(self, owner_id: int) -> list[dict[str, Any]]:
         with self._sessions() as session:
@@ -231,9 +233,16 @@ class DocumentService:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
+        device_trees = self.device_trees
+        if device_trees is not None and (hit := device_trees.get(path, sha256)) is not None:
+            return hit
         tensors = self._tensors.load(path, sha256)
         token_ids = tensors.get(TOKEN_IDS_KEY)
         loaded = ContextTree.from_tensors(tensors), (token_ids.tolist() if token_ids is not None else None)
+        if device_trees is not None:
+            moved = device_trees.put(path, sha256, *loaded)
+            if moved is not loaded[0]:  # resident on the GPU now; the host cache need not hold it
+                return moved, loaded[1]
         with self._lock:
             self._cache[key] = loaded
             while len(self._cache) > self._cache_size:
@@ -245,8 +254,12 @@ class DocumentService:
         with self._lock:
             for key in [k for k in self._cache if k[0] == path and k[1] != sha256]:
                 del self._cache[key]
+        if self.device_trees is not None:
+            self.device_trees.discard_path(path, keep_sha256=sha256)
 
     def forget(self, path: str) -> None:
         with self._lock:
             for key in [k for k in self._cache if k[0] == path]:
                 del self._cache[key]
+        if self.device_trees is not None:
+            self.device_trees.discard_path(path)

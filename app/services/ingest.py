@@ -11,7 +11,6 @@ from typing import Any
 
 from app.services.documents import document_dict
 from app.services.errors import BadRequest
-from app.tree_cache import DeviceTreeCache
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +27,11 @@ class Ingestion:
 
         with self._lock:
             if self._service is None:
-                lm = self._ctx.model()
                 self._service = IngestionService(
                     self._ctx.sessions,
                     self._ctx.tensors,
-                    lm,
+                    self._ctx.model(),
                     uploads_dir=self._ctx.settings.uploads_dir,
-                    tree_cache=DeviceTreeCache.for_model(lm, self._ctx.settings.gpu_tree_cache_gb),
                 )
             return self._service
 

@@ -34,13 +34,6 @@ class FakeTree:
     def n_chunks(self) -> int:
         return self.chunk_means.shape[0]
 
-    def nbytes(self) -> int:
-        return self.chunk_means.nbytes
-
-    def kv_to(self, device) -> FakeTree:
-        """Like ContextTree.kv_to: a new tree object whose tensors live on `device`."""
-        return FakeTree(self.chunk_means.to(device).clone(), self.n_tokens)
-
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {"fake.chunk_means": self.chunk_means.contiguous(),
                 "fake.meta": torch.tensor([self.n_tokens], dtype=torch.int64)}
