@@ -2,8 +2,9 @@
 
 Input is a transcript as returned by `app.services.conversations.ConversationService.transcript`
 (already filtered by owner): a dict with id, title, engine, created_at, documents [{id, name}], and
-messages [{role, text, engine, created_at, citations [{document, name, page, text}], timings {...}}].
-Every answer is written with its cited passages and their page numbers.
+messages [{role, text, engine, created_at, citations [{document, name, page, text}], timings {...},
+notes {...}}]. Every answer is written with its cited passages and their page numbers, and with what
+its engine said of it (a weights warning, a truncated document).
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ def citation_label(citation: dict[str, Any]) -> str:
     return f"{name}, p. {citation.get('page')}"
 
 
+def note_lines(notes: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """(label, text) of the notes an engine attached to an answer; shared by the UI and exports."""
+    notes = notes or {}
+    out = []
+    if notes.get("warning"):
+        out.append(("Warning", str(notes["warning"])))
+    if notes.get("truncated"):
+        out.append(("Note", "the document did not fit the model's window; its middle was left out."))
+    return out
+
+
 def _timing_line(timings: dict[str, Any] | None) -> str:
     if not timings:
         return ""
@@ -82,6 +94,8 @@ def to_markdown(transcript: dict[str, Any]) -> str:
         if message["role"] != "assistant":
             continue
         lines += ["### Answer", "", message["text"]]
+        for label, note in note_lines(message.get("notes")):
+            lines += ["", f"**{label}:** {note}"]
         citations = message.get("citations") or []
         if citations:
             lines += ["", "**Sources**", ""]
@@ -141,6 +155,8 @@ def to_pdf(transcript: dict[str, Any]) -> bytes:
         elif message["role"] == "assistant":
             para("Answer", 12, "B")
             para(message["text"], 11)
+            for label, note in note_lines(message.get("notes")):
+                para(f"{label}: {note}", 9, "B", indent=4)
             for i, citation in enumerate(message.get("citations") or [], 1):
                 para(f"[{i}] {citation_label(citation)}", 9, "B", indent=4)
                 para(" ".join(str(citation.get("text", "")).split()), 9, "I", indent=8)

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text as sql_text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -184,6 +185,8 @@ class Message(Base):
     text: Mapped[str] = mapped_column(Text, default="")
     citations: Mapped[list[Any]] = mapped_column(JSON, default=list)
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # what the engine said about this answer: {"warning": "..."} (flagged weights), {"truncated": true}
+    notes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default=sql_text("'{}'"))
     engine: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

@@ -38,6 +38,7 @@ def message_dict(message: Message) -> dict[str, Any]:
         "text": message.text,
         "citations": message.citations or [],
         "timings": message.timings or {},
+        "notes": message.notes or {},
         "engine": message.engine,
         "created_at": message.created_at.isoformat() if message.created_at else None,
     }

@@ -73,6 +73,11 @@ class Answer:
         return out
 
 
+def stored_notes(notes: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-safe part of an engine's notes, persisted with the answer."""
+    return {k: v for k, v in notes.items() if isinstance(v, (str, int, float, bool)) and v not in ("", False)}
+
+
 class QAService:
     def __init__(
         self,
@@ -135,7 +140,8 @@ class QAService:
             "tokens_per_s": round(float(result.tokens_per_s), 2),
         }
         conv_id, message_id = self._save(
-            owner_id, conversation_id, document_ids, engine, question, text, citations, timings
+            owner_id, conversation_id, document_ids, engine, question, text, citations, timings,
+            stored_notes(prepared.notes),
         )
         logger.info(
             "owner %s conversation %s: %s answered in %.2f s (%d tokens)",
@@ -180,6 +186,7 @@ class QAService:
         text: str,
         citations: list[dict[str, Any]],
         timings: dict[str, float],
+        notes: dict[str, Any] | None = None,
     ) -> tuple[int, int]:
         with self._sessions.begin() as session:
             if conversation_id is None:
@@ -204,6 +211,7 @@ class QAService:
                 text=text,
                 citations=citations,
                 timings=timings,
+                notes=notes or {},
                 engine=engine,
             )
             session.add(reply)

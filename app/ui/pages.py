@@ -329,12 +329,10 @@ class ChatPage(Pages):
             history[-1] = {"role": "assistant", "content": f"**Cannot answer:** {exc}"}
             yield history, question, conversation_id, gr.update(), gr.update(), ""
             return
-        history[-1] = {
-            "role": "assistant",
-            "content": render.assistant_content(final.answer, final.citations),
-        }
         convs = self.ctx.conversations.list(owner)
         messages = self.ctx.conversations.messages(owner, final.conversation)
+        # the stored answer, rendered as a resumed conversation shows it (sources and notes included)
+        history[-1] = render.chat_messages([messages[-1]])[0]
         yield (
             history,
             "",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from app.export import note_lines
+
 STATUS_LABELS = {
     "queued": "queued",
     "pending": "waiting",
@@ -95,9 +97,9 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
         if m["role"] == "user":
             out.append({"role": "user", "content": m["text"]})
         elif m["role"] == "assistant":
-            out.append(
-                {"role": "assistant", "content": assistant_content(m["text"], m.get("citations") or [])}
-            )
+            notes = notes_markdown(m.get("notes") or {}).strip()
+            text = m["text"] + (f"\n\n{notes}" if notes else "")  # the warning stays under its answer
+            out.append({"role": "assistant", "content": assistant_content(text, m.get("citations") or [])})
     return out
 
 
@@ -120,9 +122,5 @@ def parse_citation_key(key: str) -> tuple[int, int]:
 
 def notes_markdown(notes: dict[str, Any]) -> str:
     """Warnings an engine attached to an answer (untrained weights, truncated document)."""
-    lines = []
-    if notes.get("warning"):
-        lines.append(f"**Warning:** {notes['warning']}")
-    if notes.get("truncated"):
-        lines.append("**Note:** the document did not fit the model's window; its middle was left out.")
+    lines = [f"**{label}:** {text}" for label, text in note_lines(notes)]
     return "\n\n".join(lines) + ("\n\n" if lines else "")

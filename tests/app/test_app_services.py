@@ -1,5 +1,7 @@
 """QA, documents and conversations services on a tiny random model (production code paths)."""
 
+import json
+
 import pytest
 
 from app.services import BadRequest, NotFound, NotReady
@@ -112,8 +114,21 @@ def test_a_warning_saved_with_the_weights_is_said_with_every_sharedllm_answer(se
         doc = make_ready_document(context, alice.id, "a.pdf", ["The annual fee is 12,500 euros."])
         _, final = run(context, alice.id, "What is the annual fee?", [doc])
         assert final.notes["warning"] == note and final.to_dict()["warning"] == note
-        _, rag = run(context, alice.id, "What is the annual fee?", [doc], engine="rag")
+        _, rag = run(context, alice.id, "What is the annual fee?", [doc], engine="rag", conversation_id=final.conversation)
         assert "warning" not in rag.notes and "warning" not in rag.to_dict()
+        # the warning is stored with its answer: a resumed conversation and every export still say it
+        from app.export import export
+        from app.ui import render
+
+        stored = [m for m in context.conversations.messages(alice.id, final.conversation) if m["role"] == "assistant"]
+        assert [m["notes"].get("warning") for m in stored] == [note, None]
+        shown = render.chat_messages(stored)
+        assert note in shown[0]["content"] and note not in shown[1]["content"]
+        transcript = context.conversations.transcript(alice.id, final.conversation)
+        md = export(transcript, "md").decode()
+        assert md.count(note) == 1 and md.index(note) < md.index("_rag: ")  # under the sharedllm answer only
+        assert json.loads(export(transcript, "json"))["messages"][1]["notes"] == {"warning": note}
+        assert b"%PDF" in export(transcript, "pdf")[:8]
     finally:
         context.close()
 

@@ -42,7 +42,7 @@ def test_migrations_up_down_up_and_match_models(tmp_path):
     url = sqlite_url(tmp_path / "d")
     upgrade(url)
     engine = make_engine(url)
-    assert set(inspect(engine).get_table_names()) >= TABLES and current_revision(engine) == "0001"
+    assert set(inspect(engine).get_table_names()) >= TABLES and current_revision(engine) == "0002"
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     downgrade(url, "base")
@@ -107,7 +107,7 @@ def test_postgres_migrations_and_constraints(postgres_url):
     try:
         downgrade(engine, "base")
         upgrade(engine)
-        assert set(inspect(engine).get_table_names()) >= TABLES and current_revision(engine) == "0001"
+        assert set(inspect(engine).get_table_names()) >= TABLES and current_revision(engine) == "0002"
         with engine.connect() as conn:
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
         _crud(make_session_factory(engine))
