@@ -44,8 +44,9 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     max_context_tokens: int | None = None  # truncate contexts (CPU budgets)
     seed: int = 0
-    # wall-clock budget (seconds, None = none): after `calibration_steps` the step count shrinks to
-    # what fits, so the cosine schedule still completes; past the budget training stops and saves
+    # wall-clock budget (seconds, None = none): every `calibration_steps` the step count is re-fitted
+    # (never above --steps) to what the recent pace allows, so the cosine schedule completes inside
+    # the budget; past the budget training stops and saves
     time_budget_s: float | None = None
     calibration_steps: int = 20
 
