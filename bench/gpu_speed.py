@@ -120,6 +120,56 @@ def prefill_and_decode(model, prompt: torch.Tensor, memory, new_tokens: int) -> 
     return ttft, new_tokens / decode_s
 
 
+def hf_twin(base, dtype: torch.dtype | None = None):
+    """transformers' LlamaForCausalLM holding the same weights as our decoder `base` (plain RoPE
+    configurations: the random-weight shapes, the tiny test models, SmolLM2), on base's device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = base.config
+    ref = base.embed_tokens.weight
+    with torch.device(ref.device):
+        hf = LlamaForCausalLM(LlamaConfig(
+            vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+            head_dim=c.head_dim, rms_norm_eps=c.norm_eps, tie_word_embeddings=c.tie_embeddings,
+            max_position_embeddings=max(c.max_position, 131072 + 4096),
+            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, attn_implementation="sdpa",
+        )).to(dtype or ref.dtype)
+    state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in base.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all("lm_head" in m or "rotary" in m for m in missing), (missing, unexpected)
+    return hf.eval()
+
+
+def ours_vs_transformers(model, n_tokens: int, device: torch.device, vocab: int) -> dict:
+    """Our decoder against transformers' `generate` on the same weights and prompt, greedy, no
+    memory: TTFT, decode tokens/s and how many of the generated tokens agree."""
+    prompt = torch.randint(100, vocab, (1, n_tokens), generator=torch.Generator().manual_seed(1)).to(device)
+    ours = [prefill_and_decode(model, prompt, None, NEW_TOKENS) for _ in range(2)][-1]
+    ours_tokens = _greedy_tokens(model.base, prompt, NEW_TOKENS)
+    hf = hf_twin(model.base)
+    kwargs = {"do_sample": False, "pad_token_id": 0, "attention_mask": torch.ones_like(prompt)}
+    with torch.no_grad():
+        hf.generate(prompt, max_new_tokens=2, **kwargs)  # warm-up
+        ttft, _ = _timed(lambda: hf.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kwargs))
+        total, out = _timed(lambda: hf.generate(prompt, max_new_tokens=NEW_TOKENS + 1,
+                                               min_new_tokens=NEW_TOKENS + 1, **kwargs))
+    hf_tokens = out[0, n_tokens:].tolist()
+    agree = next((i for i, (a, b) in enumerate(zip(ours_tokens, hf_tokens)) if a != b), min(len(ours_tokens),
+                                                                                             len(hf_tokens)))
+    del hf
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {"prompt_tokens": n_tokens, "ours_ttft_s": ours[0], "ours_decode_tok_s": ours[1], "hf_ttft_s": ttft,
+            "hf_decode_tok_s": NEW_TOKENS / max(total - ttft, 1e-9), "greedy_tokens_agree": agree,
+            "compared_tokens": min(len(ours_tokens), len(hf_tokens))}
+
+
+def _greedy_tokens(base, prompt: torch.Tensor, n: int) -> list[int]:
+    from model.generate import GenerationSettings, generate_tokens
+
+    return list(generate_tokens(base, prompt[0].tolist(), None, GenerationSettings(max_new_tokens=n)))
+
+
 def measure_length(model, n_tokens: int, device: torch.device, vocab: int, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     doc = torch.randint(100, vocab, (n_tokens,), generator=gen)
@@ -198,6 +248,10 @@ def measure(args: argparse.Namespace) -> int:
         for n in lengths:
             entry["rows"].append(measure_length(model, n, device, model.base.config.vocab_size, seed=n))
             path.write_text(json.dumps(out, indent=1))  # what was measured survives a timeout
+        if args.vs_transformers:
+            entry["vs_transformers"] = [ours_vs_transformers(model, n, device, model.base.config.vocab_size)
+                                        for n in (int(x) for x in args.vs_transformers.split(","))]
+            path.write_text(json.dumps(out, indent=1))
         del model
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     path.write_text(json.dumps(out, indent=1))
@@ -233,6 +287,14 @@ def report(args: argparse.Namespace) -> int:
             title=(f"{entry['label']}: attention {entry['attention']}, M = {entry['n_inject_layers']}, "
                    f"L = {entry['chunk_len']}, weights {entry['weights_gib']:.1f} GiB, loaded in {entry['load_s']:.1f} s; "
                    f"`{entry['command']}`")))
+        if entry.get("vs_transformers"):
+            section.tables.append(Table(
+                ["prompt tokens", "ours TTFT s", "transformers TTFT s", "TTFT ours ÷ transformers",
+                 "ours decode tok/s", "transformers decode tok/s", "greedy tokens agreeing"],
+                [[v["prompt_tokens"], v["ours_ttft_s"], v["hf_ttft_s"], v["ours_ttft_s"] / v["hf_ttft_s"],
+                  v["ours_decode_tok_s"], v["hf_decode_tok_s"], f"{v['greedy_tokens_agree']} of {v['compared_tokens']}"]
+                 for v in entry["vs_transformers"]],
+                title=f"{entry['label']}: our decoder vs transformers' generate, same weights, no memory"))
         xs = [r["tokens"] for r in rows]
         name = entry["name"]
         series = {"sharedllm, tree in RAM": (xs, [r["sharedllm_ram_ttft_s"] for r in rows]),
@@ -282,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--lengths", default="8192,16384,32768,65536,131072")
     m.add_argument("--device", default="auto")
     m.add_argument("--data-dir", default="data")
+    m.add_argument("--vs-transformers", default="", help="prompt lengths for ours vs transformers' generate, e.g. 4096")
     r = sub.add_parser("report")
     r.add_argument("results", nargs="+", help="JSON files written by `measure` (one section for all)")
     r.add_argument("--md", default="docs/benchmarks.md")

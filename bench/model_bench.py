@@ -48,25 +48,16 @@ def _median_time(fn, repeats: int = 3) -> tuple[float, object]:
 
 def hf_model_for(lm, data_dir: Path, model_path: str | None):
     """transformers' LlamaForCausalLM with the same weights as `lm`'s base model (fp32)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if lm.name != "tiny-random":
         from model.loading import resolve_checkpoint
 
         checkpoint = resolve_checkpoint(model_path, Path(data_dir))
         return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    c = lm.model.base.config
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-        head_dim=c.head_dim, rms_norm_eps=c.norm_eps, tie_word_embeddings=c.tie_embeddings,
-        max_position_embeddings=c.max_position, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-    ))
-    state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v
-             for k, v in lm.model.base.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and all("lm_head" in m or "rotary" in m for m in missing), (missing, unexpected)
-    return hf.float().eval()
+    from bench.gpu_speed import hf_twin
+
+    return hf_twin(lm.model.base, torch.float32)
 
 
 def ours_vs_hf(run: Run, prompt_tokens: int, data_dir: Path, model_path: str | None) -> dict:
