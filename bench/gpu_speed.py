@@ -36,11 +36,33 @@ log = logging.getLogger("bench.gpu_speed")
 
 # Public configurations (config.json of meta-llama/Llama-2-7b-hf and Meta-Llama-3-8B).
 CONFIGS = {
-    "llama-2-7b": dict(vocab_size=32000, n_layer=32, n_head=32, n_kv_head=32, dim=4096, intermediate_size=11008,
-                       head_dim=128, rope_theta=10000.0, norm_eps=1e-5, max_position=4096),
-    "tiny": dict(vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, dim=64, intermediate_size=128, head_dim=16),
-    "llama-3-8b": dict(vocab_size=128256, n_layer=32, n_head=32, n_kv_head=8, dim=4096, intermediate_size=14336,
-                       head_dim=128, rope_theta=500000.0, norm_eps=1e-5, max_position=8192),
+    "llama-2-7b": dict(
+        vocab_size=32000,
+        n_layer=32,
+        n_head=32,
+        n_kv_head=32,
+        dim=4096,
+        intermediate_size=11008,
+        head_dim=128,
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        max_position=4096,
+    ),
+    "tiny": dict(
+        vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, dim=64, intermediate_size=128, head_dim=16
+    ),
+    "llama-3-8b": dict(
+        vocab_size=128256,
+        n_layer=32,
+        n_head=32,
+        n_kv_head=8,
+        dim=4096,
+        intermediate_size=14336,
+        head_dim=128,
+        rope_theta=500000.0,
+        norm_eps=1e-5,
+        max_position=8192,
+    ),
 }
 QUESTION_TOKENS = 24
 NEW_TOKENS = 32
@@ -116,7 +138,6 @@ def prefill_and_decode(model, prompt: torch.Tensor, memory, new_tokens: int) -> 
         position += 1
     _sync()
     decode_s = time.perf_counter() - t0
-    del cache
     return ttft, new_tokens / decode_s
 
 
@@ -128,14 +149,25 @@ def hf_twin(base, dtype: torch.dtype | None = None):
     c = base.config
     ref = base.embed_tokens.weight
     with torch.device(ref.device):
-        hf = LlamaForCausalLM(LlamaConfig(
-            vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-            head_dim=c.head_dim, rms_norm_eps=c.norm_eps, tie_word_embeddings=c.tie_embeddings,
-            max_position_embeddings=max(c.max_position, 131072 + 4096),
-            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, attn_implementation="sdpa",
-        )).to(dtype or ref.dtype)
-    state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in base.state_dict().items()}
+        hf = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=c.vocab_size,
+                hidden_size=c.dim,
+                intermediate_size=c.intermediate_size,
+                num_hidden_layers=c.n_layer,
+                num_attention_heads=c.n_head,
+                num_key_value_heads=c.n_kv_head,
+                head_dim=c.head_dim,
+                rms_norm_eps=c.norm_eps,
+                tie_word_embeddings=c.tie_embeddings,
+                max_position_embeddings=max(c.max_position, 131072 + 4096),
+                rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+                attn_implementation="sdpa",
+            )
+        ).to(dtype or ref.dtype)
+    state = {
+        ("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in base.state_dict().items()
+    }
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and all("lm_head" in m or "rotary" in m for m in missing), (missing, unexpected)
     return hf.eval()
@@ -152,16 +184,27 @@ def ours_vs_transformers(model, n_tokens: int, device: torch.device, vocab: int)
     with torch.no_grad():
         hf.generate(prompt, max_new_tokens=2, **kwargs)  # warm-up
         ttft, _ = _timed(lambda: hf.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kwargs))
-        total, out = _timed(lambda: hf.generate(prompt, max_new_tokens=NEW_TOKENS + 1,
-                                               min_new_tokens=NEW_TOKENS + 1, **kwargs))
+        total, out = _timed(
+            lambda: hf.generate(
+                prompt, max_new_tokens=NEW_TOKENS + 1, min_new_tokens=NEW_TOKENS + 1, **kwargs
+            )
+        )
     hf_tokens = out[0, n_tokens:].tolist()
-    agree = next((i for i, (a, b) in enumerate(zip(ours_tokens, hf_tokens)) if a != b), min(len(ours_tokens),
-                                                                                             len(hf_tokens)))
-    del hf
+    agree = next(
+        (i for i, (a, b) in enumerate(zip(ours_tokens, hf_tokens)) if a != b),
+        min(len(ours_tokens), len(hf_tokens)),
+    )
+    hf = None  # freed before the next model is built
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return {"prompt_tokens": n_tokens, "ours_ttft_s": ours[0], "ours_decode_tok_s": ours[1], "hf_ttft_s": ttft,
-            "hf_decode_tok_s": NEW_TOKENS / max(total - ttft, 1e-9), "greedy_tokens_agree": agree,
-            "compared_tokens": min(len(ours_tokens), len(hf_tokens))}
+    return {
+        "prompt_tokens": n_tokens,
+        "ours_ttft_s": ours[0],
+        "ours_decode_tok_s": ours[1],
+        "hf_ttft_s": ttft,
+        "hf_decode_tok_s": NEW_TOKENS / max(total - ttft, 1e-9),
+        "greedy_tokens_agree": agree,
+        "compared_tokens": min(len(ours_tokens), len(hf_tokens)),
+    }
 
 
 def _greedy_tokens(base, prompt: torch.Tensor, n: int) -> list[int]:
@@ -187,14 +230,18 @@ def measure_length(model, n_tokens: int, device: torch.device, vocab: int, seed:
         _peak_reset()
         ttfts, retrievals, decode, memory = [], [], None, None
         for _ in range(3):
+
             def query(t=t):
                 return model.build_memory([t], model.query_vector(question))
+
             retrieval_s, memory = _timed(query)
             ttft, decode = prefill_and_decode(model, question[None].to(device), memory, NEW_TOKENS)
             ttfts.append(retrieval_s + ttft)
             retrievals.append(retrieval_s)
         row["memory_positions"] = memory.n_positions
-        row[f"memory_checksum_{where}"] = float(memory.keys.double().square().sum())  # both paths: the same memory
+        row[f"memory_checksum_{where}"] = float(
+            memory.keys.double().square().sum()
+        )  # both paths: the same memory
         row[f"sharedllm_{where}_search_gather_s"] = statistics.median(retrievals)
         row[f"sharedllm_{where}_ttft_s"] = statistics.median(ttfts)
         row[f"sharedllm_{where}_decode_tok_s"] = decode
@@ -227,30 +274,48 @@ def measure_length(model, n_tokens: int, device: torch.device, vocab: int, seed:
 
 
 def measure(args: argparse.Namespace) -> int:
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lengths = [int(x) for x in args.lengths.split(",")]
-    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "python": sys.version.split()[0], "dtype": str(dtype).replace("torch.", ""),
-           "command": "python -m bench.gpu_speed measure " + " ".join(sys.argv[2:]),
-           "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "models": []}
+    out = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "dtype": str(dtype).replace("torch.", ""),
+        "command": "python -m bench.gpu_speed measure " + " ".join(sys.argv[2:]),
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "models": [],
+    }
     path = Path(args.out)
     for name in args.configs.split(","):
         t0 = time.perf_counter()
-        model, label = default_model(device, args.data_dir) if name == "default" else random_model(name, device, dtype)
-        entry = {"name": name, "label": label, "load_s": time.perf_counter() - t0,
-                 "attention": model.base.attention_backend, "n_inject_layers": model.config.n_inject_layers,
-                 "chunk_len": model.config.chunk_len, "weights_gib": sum(p.numel() * p.element_size()
-                                                                         for p in model.parameters()) / 2**30,
-                 "rows": []}
+        model, label = (
+            default_model(device, args.data_dir) if name == "default" else random_model(name, device, dtype)
+        )
+        entry = {
+            "name": name,
+            "label": label,
+            "load_s": time.perf_counter() - t0,
+            "attention": model.base.attention_backend,
+            "n_inject_layers": model.config.n_inject_layers,
+            "chunk_len": model.config.chunk_len,
+            "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
+            "rows": [],
+        }
         out["models"].append(entry)
         measure_length(model, min(lengths), device, model.base.config.vocab_size, seed=0)  # warm-up
         for n in lengths:
             entry["rows"].append(measure_length(model, n, device, model.base.config.vocab_size, seed=n))
             path.write_text(json.dumps(out, indent=1))  # what was measured survives a timeout
         if args.vs_transformers:
-            entry["vs_transformers"] = [ours_vs_transformers(model, n, device, model.base.config.vocab_size)
-                                        for n in (int(x) for x in args.vs_transformers.split(","))]
+            entry["vs_transformers"] = [
+                ours_vs_transformers(model, n, device, model.base.config.vocab_size)
+                for n in (int(x) for x in args.vs_transformers.split(","))
+            ]
             path.write_text(json.dumps(out, indent=1))
         del model
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -268,52 +333,123 @@ def report(args: argparse.Namespace) -> int:
     data["command"] = " ; ".join(dict.fromkeys(run["command"] for run in runs))
     md = Path(args.md)
     img = md.parent / "img"
-    section = Section(key="gpu", title=f"GPU: sharedllm vs full attention, 8K-128K ({data['device']})",
-                      machine=f"{data['device']}, torch {data['torch']}, {data['dtype']}", command=data["command"],
-                      weights="see each table", started=data["started"])
+    section = Section(
+        key="gpu",
+        title=f"GPU: sharedllm vs full attention, 8K-128K ({data['device']})",
+        machine=f"{data['device']}, torch {data['torch']}, {data['dtype']}",
+        command=data["command"],
+        weights="see each table",
+        started=data["started"],
+    )
     for entry in data["models"]:
         rows = entry["rows"]
         g = "gpu" if any("sharedllm_gpu_ttft_s" in r for r in rows) else "ram"
-        section.tables.append(Table(
-            ["document tokens", "encode s", "ingest tok/s", "full TTFT s", "sharedllm TTFT s (tree on GPU)",
-             "full ÷ sharedllm (tree on GPU)", "sharedllm TTFT s (tree in RAM)", "full ÷ sharedllm (tree in RAM)",
-             "rag-size TTFT s", "decode tok/s sharedllm / full", "peak GiB sharedllm / full"],
-            [[r["tokens"], r["sharedllm_encode_s"], r["sharedllm_encode_tok_s"], r.get("full_ttft_s", r.get("full_error")),
-              r.get("sharedllm_gpu_ttft_s"), r.get("ttft_speedup_gpu"), r["sharedllm_ram_ttft_s"],
-              r.get("ttft_speedup_ram"), r["rag_ttft_s"],
-              f"{r[f'sharedllm_{g}_decode_tok_s']:.1f} / {r.get('full_decode_tok_s') or float('nan'):.1f}",
-              f"{r[f'sharedllm_{g}_peak_gib'] or 0:.1f} / {r.get('full_peak_gib') or float('nan'):.1f}"]
-             for r in rows],
-            title=(f"{entry['label']}: attention {entry['attention']}, M = {entry['n_inject_layers']}, "
-                   f"L = {entry['chunk_len']}, weights {entry['weights_gib']:.1f} GiB, loaded in {entry['load_s']:.1f} s; "
-                   f"`{entry['command']}`")))
+        section.tables.append(
+            Table(
+                [
+                    "document tokens",
+                    "encode s",
+                    "ingest tok/s",
+                    "full TTFT s",
+                    "sharedllm TTFT s (tree on GPU)",
+                    "full ÷ sharedllm (tree on GPU)",
+                    "sharedllm TTFT s (tree in RAM)",
+                    "full ÷ sharedllm (tree in RAM)",
+                    "rag-size TTFT s",
+                    "decode tok/s sharedllm / full",
+                    "peak GiB sharedllm / full",
+                ],
+                [
+                    [
+                        r["tokens"],
+                        r["sharedllm_encode_s"],
+                        r["sharedllm_encode_tok_s"],
+                        r.get("full_ttft_s", r.get("full_error")),
+                        r.get("sharedllm_gpu_ttft_s"),
+                        r.get("ttft_speedup_gpu"),
+                        r["sharedllm_ram_ttft_s"],
+                        r.get("ttft_speedup_ram"),
+                        r["rag_ttft_s"],
+                        f"{r[f'sharedllm_{g}_decode_tok_s']:.1f} / {r.get('full_decode_tok_s') or float('nan'):.1f}",
+                        f"{r[f'sharedllm_{g}_peak_gib'] or 0:.1f} / {r.get('full_peak_gib') or float('nan'):.1f}",
+                    ]
+                    for r in rows
+                ],
+                title=(
+                    f"{entry['label']}: attention {entry['attention']}, M = {entry['n_inject_layers']}, "
+                    f"L = {entry['chunk_len']}, weights {entry['weights_gib']:.1f} GiB, loaded in {entry['load_s']:.1f} s; "
+                    f"`{entry['command']}`"
+                ),
+            )
+        )
         if entry.get("vs_transformers"):
-            section.tables.append(Table(
-                ["prompt tokens", "ours TTFT s", "transformers TTFT s", "TTFT ours ÷ transformers",
-                 "ours decode tok/s", "transformers decode tok/s", "greedy tokens agreeing"],
-                [[v["prompt_tokens"], v["ours_ttft_s"], v["hf_ttft_s"], v["ours_ttft_s"] / v["hf_ttft_s"],
-                  v["ours_decode_tok_s"], v["hf_decode_tok_s"], f"{v['greedy_tokens_agree']} of {v['compared_tokens']}"]
-                 for v in entry["vs_transformers"]],
-                title=f"{entry['label']}: our decoder vs transformers' generate, same weights, no memory"))
+            section.tables.append(
+                Table(
+                    [
+                        "prompt tokens",
+                        "ours TTFT s",
+                        "transformers TTFT s",
+                        "TTFT ours ÷ transformers",
+                        "ours decode tok/s",
+                        "transformers decode tok/s",
+                        "greedy tokens agreeing",
+                    ],
+                    [
+                        [
+                            v["prompt_tokens"],
+                            v["ours_ttft_s"],
+                            v["hf_ttft_s"],
+                            v["ours_ttft_s"] / v["hf_ttft_s"],
+                            v["ours_decode_tok_s"],
+                            v["hf_decode_tok_s"],
+                            f"{v['greedy_tokens_agree']} of {v['compared_tokens']}",
+                        ]
+                        for v in entry["vs_transformers"]
+                    ],
+                    title=f"{entry['label']}: our decoder vs transformers' generate, same weights, no memory",
+                )
+            )
         xs = [r["tokens"] for r in rows]
         name = entry["name"]
-        series = {"sharedllm, tree in RAM": (xs, [r["sharedllm_ram_ttft_s"] for r in rows]),
-                  "sharedllm, tree on GPU": (xs, [r.get("sharedllm_gpu_ttft_s") for r in rows]),
-                  f"rag-size prompt ({rows[0]['rag_prompt_tokens']} tokens)": (xs, [r["rag_ttft_s"] for r in rows])}
+        series = {
+            "sharedllm, tree in RAM": (xs, [r["sharedllm_ram_ttft_s"] for r in rows]),
+            "sharedllm, tree on GPU": (xs, [r.get("sharedllm_gpu_ttft_s") for r in rows]),
+            f"rag-size prompt ({rows[0]['rag_prompt_tokens']} tokens)": (xs, [r["rag_ttft_s"] for r in rows]),
+        }
         full = [(r["tokens"], r["full_ttft_s"]) for r in rows if r.get("full_ttft_s")]
         if full:
             series["full attention"] = tuple(map(list, zip(*full)))
-        path = plot_lines(img / f"gpu-ttft-{name}.png", f"TTFT vs document length, {entry['label']}",
-                          "document tokens", "seconds", series, section.machine, entry["command"], entry["label"],
-                          logx=True, logy=True)
+        path = plot_lines(
+            img / f"gpu-ttft-{name}.png",
+            f"TTFT vs document length, {entry['label']}",
+            "document tokens",
+            "seconds",
+            series,
+            section.machine,
+            entry["command"],
+            entry["label"],
+            logx=True,
+            logy=True,
+        )
         section.figures.append(str(path.relative_to(md.parent)))
-        mem = {"sharedllm query (tree in RAM)": (xs, [r["sharedllm_ram_peak_gib"] for r in rows]),
-               "sharedllm query (tree on GPU)": (xs, [r.get("sharedllm_gpu_peak_gib") for r in rows])}
+        mem = {
+            "sharedllm query (tree in RAM)": (xs, [r["sharedllm_ram_peak_gib"] for r in rows]),
+            "sharedllm query (tree on GPU)": (xs, [r.get("sharedllm_gpu_peak_gib") for r in rows]),
+        }
         fm = [(r["tokens"], r["full_peak_gib"]) for r in rows if r.get("full_peak_gib")]
         if fm:
             mem["full attention"] = tuple(map(list, zip(*fm)))
-        path = plot_lines(img / f"gpu-memory-{name}.png", f"peak GPU memory vs document length, {entry['label']}",
-                          "document tokens", "GiB", mem, section.machine, entry["command"], entry["label"], logx=True)
+        path = plot_lines(
+            img / f"gpu-memory-{name}.png",
+            f"peak GPU memory vs document length, {entry['label']}",
+            "document tokens",
+            "GiB",
+            mem,
+            section.machine,
+            entry["command"],
+            entry["label"],
+            logx=True,
+        )
         section.figures.append(str(path.relative_to(md.parent)))
     section.notes += [
         "Pairs are measured in one process on the same random token ids; TTFT is the median of 3 for sharedllm "
@@ -335,8 +471,11 @@ def report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_speed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gpu_speed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("measure")
     m.add_argument("--out", required=True)
@@ -344,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--lengths", default="8192,16384,32768,65536,131072")
     m.add_argument("--device", default="auto")
     m.add_argument("--data-dir", default="data")
-    m.add_argument("--vs-transformers", default="", help="prompt lengths for ours vs transformers' generate, e.g. 4096")
+    m.add_argument(
+        "--vs-transformers", default="", help="prompt lengths for ours vs transformers' generate, e.g. 4096"
+    )
     r = sub.add_parser("report")
     r.add_argument("results", nargs="+", help="JSON files written by `measure` (one section for all)")
     r.add_argument("--md", default="docs/benchmarks.md")

@@ -10,8 +10,24 @@ from bench import gpu_speed
 
 def test_measure_then_report_on_a_tiny_model(tmp_path):
     results = tmp_path / "gpu.json"
-    assert gpu_speed.main(["measure", "--out", str(results), "--configs", "tiny", "--lengths", "1024,2048",
-                           "--device", "cpu", "--vs-transformers", "256"]) == 0
+    assert (
+        gpu_speed.main(
+            [
+                "measure",
+                "--out",
+                str(results),
+                "--configs",
+                "tiny",
+                "--lengths",
+                "1024,2048",
+                "--device",
+                "cpu",
+                "--vs-transformers",
+                "256",
+            ]
+        )
+        == 0
+    )
     data = json.loads(results.read_text())
     rows = data["models"][0]["rows"]
     assert [r["tokens"] for r in rows] == [1024, 2048]

@@ -7,7 +7,13 @@ import os
 import pytest
 import torch
 
-from storage import TensorChecksumMismatch, TensorFileMissing, TensorFileTruncated, TensorStore, TensorStoreError
+from storage import (
+    TensorChecksumMismatch,
+    TensorFileMissing,
+    TensorFileTruncated,
+    TensorStore,
+    TensorStoreError,
+)
 
 
 @pytest.fixture
