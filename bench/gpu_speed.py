@@ -4,7 +4,7 @@ Two halves, because the GPU machine that measures has none of the app's dependen
 of this checkout's plotting set-up:
 
     python -m bench.gpu_speed measure --out results.json [--configs llama-2-7b,llama-3-8b,default]
-    python -m bench.gpu_speed report results.json            # here: section + plots in docs/benchmarks.md
+    python -m bench.gpu_speed report results.json            # here (bench/gpu_report.py): section + plots
 
 `measure` needs only torch and `model/`. Large models use randomly initialised weights of the real
 configuration (speed and memory do not depend on weight values; their answers are meaningless and
@@ -35,33 +35,26 @@ import torch
 log = logging.getLogger("bench.gpu_speed")
 
 # Public configurations (config.json of meta-llama/Llama-2-7b-hf and Meta-Llama-3-8B).
+_LLAMA_7B_8B = dict(n_layer=32, n_head=32, dim=4096, head_dim=128, norm_eps=1e-5)
 CONFIGS = {
     "llama-2-7b": dict(
+        _LLAMA_7B_8B,
         vocab_size=32000,
-        n_layer=32,
-        n_head=32,
         n_kv_head=32,
-        dim=4096,
         intermediate_size=11008,
-        head_dim=128,
         rope_theta=10000.0,
-        norm_eps=1e-5,
         max_position=4096,
+    ),
+    "llama-3-8b": dict(
+        _LLAMA_7B_8B,
+        vocab_size=128256,
+        n_kv_head=8,
+        intermediate_size=14336,
+        rope_theta=500000.0,
+        max_position=8192,
     ),
     "tiny": dict(
         vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, dim=64, intermediate_size=128, head_dim=16
-    ),
-    "llama-3-8b": dict(
-        vocab_size=128256,
-        n_layer=32,
-        n_head=32,
-        n_kv_head=8,
-        dim=4096,
-        intermediate_size=14336,
-        head_dim=128,
-        rope_theta=500000.0,
-        norm_eps=1e-5,
-        max_position=8192,
     ),
 }
 QUESTION_TOKENS = 24
@@ -103,6 +96,7 @@ def random_model(name: str, device: torch.device, dtype: torch.dtype):
     try:
         with torch.device(device):  # built where it runs: a CPU init of 7B parameters takes minutes
             base = Transformer(cfg, attention="sdpa")
+            torch.manual_seed(0)  # the same random model in every run
             for p in base.parameters():  # small values keep bf16 activations finite
                 torch.nn.init.normal_(p, std=0.02)
             base.inv_freq = base.inv_freq.to(device)
@@ -323,153 +317,6 @@ def measure(args: argparse.Namespace) -> int:
     return 0
 
 
-def report(args: argparse.Namespace) -> int:
-    """Writes the `gpu` section of docs/benchmarks.md (tables, ratios, plots) from measured JSON."""
-    from bench.report import Section, Table, plot_lines, write_raw, write_section
-
-    runs = [json.loads(Path(path).read_text()) for path in args.results]
-    data = dict(runs[0])
-    data["models"] = [dict(m, command=run["command"]) for run in runs for m in run["models"]]
-    data["command"] = " ; ".join(dict.fromkeys(run["command"] for run in runs))
-    md = Path(args.md)
-    img = md.parent / "img"
-    section = Section(
-        key="gpu",
-        title=f"GPU: sharedllm vs full attention, 8K-128K ({data['device']})",
-        machine=f"{data['device']}, torch {data['torch']}, {data['dtype']}",
-        command=data["command"],
-        weights="see each table",
-        started=data["started"],
-    )
-    for entry in data["models"]:
-        rows = entry["rows"]
-        g = "gpu" if any("sharedllm_gpu_ttft_s" in r for r in rows) else "ram"
-        section.tables.append(
-            Table(
-                [
-                    "document tokens",
-                    "encode s",
-                    "ingest tok/s",
-                    "full TTFT s",
-                    "sharedllm TTFT s (tree on GPU)",
-                    "full ÷ sharedllm (tree on GPU)",
-                    "sharedllm TTFT s (tree in RAM)",
-                    "full ÷ sharedllm (tree in RAM)",
-                    "rag-size TTFT s",
-                    "decode tok/s sharedllm / full",
-                    "peak GiB sharedllm / full",
-                ],
-                [
-                    [
-                        r["tokens"],
-                        r["sharedllm_encode_s"],
-                        r["sharedllm_encode_tok_s"],
-                        r.get("full_ttft_s", r.get("full_error")),
-                        r.get("sharedllm_gpu_ttft_s"),
-                        r.get("ttft_speedup_gpu"),
-                        r["sharedllm_ram_ttft_s"],
-                        r.get("ttft_speedup_ram"),
-                        r["rag_ttft_s"],
-                        f"{r[f'sharedllm_{g}_decode_tok_s']:.1f} / {r.get('full_decode_tok_s') or float('nan'):.1f}",
-                        f"{r[f'sharedllm_{g}_peak_gib'] or 0:.1f} / {r.get('full_peak_gib') or float('nan'):.1f}",
-                    ]
-                    for r in rows
-                ],
-                title=(
-                    f"{entry['label']}: attention {entry['attention']}, M = {entry['n_inject_layers']}, "
-                    f"L = {entry['chunk_len']}, weights {entry['weights_gib']:.1f} GiB, loaded in {entry['load_s']:.1f} s; "
-                    f"`{entry['command']}`"
-                ),
-            )
-        )
-        if entry.get("vs_transformers"):
-            section.tables.append(
-                Table(
-                    [
-                        "prompt tokens",
-                        "ours TTFT s",
-                        "transformers TTFT s",
-                        "TTFT ours ÷ transformers",
-                        "ours decode tok/s",
-                        "transformers decode tok/s",
-                        "greedy tokens agreeing",
-                    ],
-                    [
-                        [
-                            v["prompt_tokens"],
-                            v["ours_ttft_s"],
-                            v["hf_ttft_s"],
-                            v["ours_ttft_s"] / v["hf_ttft_s"],
-                            v["ours_decode_tok_s"],
-                            v["hf_decode_tok_s"],
-                            f"{v['greedy_tokens_agree']} of {v['compared_tokens']}",
-                        ]
-                        for v in entry["vs_transformers"]
-                    ],
-                    title=f"{entry['label']}: our decoder vs transformers' generate, same weights, no memory",
-                )
-            )
-        xs = [r["tokens"] for r in rows]
-        name = entry["name"]
-        series = {
-            "sharedllm, tree in RAM": (xs, [r["sharedllm_ram_ttft_s"] for r in rows]),
-            "sharedllm, tree on GPU": (xs, [r.get("sharedllm_gpu_ttft_s") for r in rows]),
-            f"rag-size prompt ({rows[0]['rag_prompt_tokens']} tokens)": (xs, [r["rag_ttft_s"] for r in rows]),
-        }
-        full = [(r["tokens"], r["full_ttft_s"]) for r in rows if r.get("full_ttft_s")]
-        if full:
-            series["full attention"] = tuple(map(list, zip(*full)))
-        path = plot_lines(
-            img / f"gpu-ttft-{name}.png",
-            f"TTFT vs document length, {entry['label']}",
-            "document tokens",
-            "seconds",
-            series,
-            section.machine,
-            entry["command"],
-            entry["label"],
-            logx=True,
-            logy=True,
-        )
-        section.figures.append(str(path.relative_to(md.parent)))
-        mem = {
-            "sharedllm query (tree in RAM)": (xs, [r["sharedllm_ram_peak_gib"] for r in rows]),
-            "sharedllm query (tree on GPU)": (xs, [r.get("sharedllm_gpu_peak_gib") for r in rows]),
-        }
-        fm = [(r["tokens"], r["full_peak_gib"]) for r in rows if r.get("full_peak_gib")]
-        if fm:
-            mem["full attention"] = tuple(map(list, zip(*fm)))
-        path = plot_lines(
-            img / f"gpu-memory-{name}.png",
-            f"peak GPU memory vs document length, {entry['label']}",
-            "document tokens",
-            "GiB",
-            mem,
-            section.machine,
-            entry["command"],
-            entry["label"],
-            logx=True,
-        )
-        section.figures.append(str(path.relative_to(md.parent)))
-    section.notes += [
-        "Pairs are measured in one process on the same random token ids; TTFT is the median of 3 for sharedllm "
-        "(query vector + search + gather + prefill of the question with cross-attention + first token), with the "
-        "tree's K/V in host RAM (as the store maps it: the memory crosses PCIe per question) and resident on the "
-        "GPU (`ContextTree.kv_to`: the gather runs on the GPU), and the "
-        "best of 1-2 for full (the whole document + question prefilled, causal attention over all of it, no "
-        "truncation). Decode: 32 greedy tokens with the KV cache.",
-        "Random weights of a public configuration measure speed and memory only (kernels do not depend on the "
-        "values); `default` rows use the bundled model's real weights.",
-        "peak GiB sharedllm: the query with the tree resident on the GPU (weights + the tree's K/V + the memory); "
-        "full: weights + the KV cache of the whole document + activations of its prefill.",
-        "flash-attn: no wheel reaches the GPU machine (no registry there; PyPI ships flash-attn as source), so "
-        "attention ran through PyTorch SDPA, which picks its own flash kernel for bf16 on Hopper.",
-    ]
-    write_section(md, section)
-    write_raw(Path(args.raw_dir) / "gpu.json", section)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.gpu_speed",
@@ -492,7 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--raw-dir", default="bench/results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return measure(args) if args.cmd == "measure" else report(args)
+    if args.cmd == "measure":
+        return measure(args)
+    from bench.gpu_report import report  # plotting and docs: this checkout only
+
+    return report(args)
 
 
 if __name__ == "__main__":
