@@ -230,16 +230,16 @@ def _encode_batch(base: Transformer, ids: torch.Tensor, batch: list[_Node], lv: 
     index = torch.zeros((len(batch), slots), dtype=torch.long)
     for row, positions in enumerate(kept):
         index[row, : len(positions)] = torch.tensor(positions, dtype=torch.long)
-    # keys/values (B, M, nkv, T, hd) -> (B, M, nkv, slots, hd): one gather, one copy each
-    gather = index.to(device)[:, None, None, :, None].expand(-1, *keys.shape[1:3], -1, keys.shape[-1])
-    kept_keys = keys.gather(3, gather).to("cpu", lv.keys.dtype)
-    kept_values = values.gather(3, gather).to("cpu", lv.values.dtype)
+    # keys/values (B, M, nkv, T, hd) -> (B, slots, M, nkv, hd): one indexing op, one copy each
+    rows, index = torch.arange(len(batch), device=device)[:, None], index.to(device)
+    kept_keys = keys[rows, :, :, index].to("cpu", lv.keys.dtype)
+    kept_values = values[rows, :, :, index].to("cpu", lv.values.dtype)
     vectors = torch.stack([node_vector(hidden1[row], node.length, cfg.retrieval_vector)
                            for row, node in enumerate(batch)]).cpu()
     for row, (node, positions) in enumerate(zip(batch, kept)):
         k = len(positions)
-        lv.keys[node.chunk, node.index, :, :, :k] = kept_keys[row, :, :, :k]
-        lv.values[node.chunk, node.index, :, :, :k] = kept_values[row, :, :, :k]
+        lv.keys[node.chunk, node.index, :, :, :k] = kept_keys[row, :k].permute(1, 2, 0, 3)
+        lv.values[node.chunk, node.index, :, :, :k] = kept_values[row, :k].permute(1, 2, 0, 3)
         lv.positions[node.chunk, node.index, :k] = torch.tensor(positions, dtype=torch.int32)
         starts = [0] + [p + 1 for p in positions[:-1]]
         lv.spans[node.chunk, node.index, :k, 0] = torch.tensor(starts, dtype=torch.int32) + node.start
