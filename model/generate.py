@@ -47,29 +47,32 @@ class GenerationResult:
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float,
-           generator: torch.Generator | None) -> int:
-    """logits (V,) -> token id: greedy at temperature 0, else nucleus sampling."""
+           generator: torch.Generator | None) -> torch.Tensor:
+    """logits (V,) -> token id as a 0-d tensor on the logits' device: greedy at temperature 0, else
+    nucleus sampling. Nothing here reads the value on the host (no synchronisation per token)."""
     if temperature <= 0:
-        return int(logits.argmax())
+        return logits.argmax()
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # always keeps the top token
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        keep = (sorted_probs.cumsum(0) - sorted_probs < top_p).to(probs.dtype)  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs * keep)
+    return torch.multinomial(probs, 1, generator=generator)[0]
 
 
 @torch.no_grad()
-def prefill(model, prompt_ids: torch.Tensor, memory: Memory | None, cache) -> torch.Tensor:
-    """prompt_ids (1, T) -> logits of the last position (V,), filling the KV cache."""
-    input_pos = torch.arange(prompt_ids.shape[1], device=prompt_ids.device)
+def prefill(model, prompt_ids: torch.Tensor, memory: Memory | None, cache, start: int = 0) -> torch.Tensor:
+    """prompt_ids (1, T) -> logits of the last position (V,), filling the KV cache from `start` (the
+    positions already in it, e.g. a persisted document prefix)."""
+    input_pos = torch.arange(start, start + prompt_ids.shape[1], device=prompt_ids.device)
     return _forward(model, prompt_ids, input_pos, memory, cache, last_only=True)[0, -1]
 
 
 @torch.no_grad()
-def decode_one_token(model, token: int, position: int, memory: Memory | None, cache, device) -> torch.Tensor:
-    ids = torch.tensor([[token]], device=device)
-    return _forward(model, ids, torch.tensor([position], device=device), memory, cache)[0, -1]
+def decode_one_token(model, token: torch.Tensor, input_pos: torch.Tensor, memory: Memory | None,
+                     cache) -> torch.Tensor:
+    """token (1, 1) and input_pos (1,) on the model's device -> logits (V,)."""
+    return _forward(model, token, input_pos, memory, cache)[0, -1]
 
 
 def _forward(model, ids: torch.Tensor, input_pos: torch.Tensor, memory: Memory | None, cache,
@@ -80,29 +83,78 @@ def _forward(model, ids: torch.Tensor, input_pos: torch.Tensor, memory: Memory |
     return model(ids, input_pos, memory=memory, cache=cache, last_only=last_only)
 
 
+@dataclass
+class PrefixState:
+    """Persisted self-attention K/V of a prompt's first `length` tokens, per layer (1, nkv, P, hd):
+    generation continues from them and prefills only the rest of the prompt."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return int(self.k[0].shape[2]) if self.k else 0
+
+
+def compiled_decode_step(mode: str = "reduce-overhead"):
+    """`decode_one_token` under torch.compile (CUDA graphs with "reduce-overhead"): the per-token
+    launch overhead of a small batch-1 step is what keeps GPU decoding far below the HBM bound. Needs
+    a static cache (`new_cache(..., static=True)`: fixed shapes) and no cross-attention memory."""
+    return torch.compile(decode_one_token, mode=mode, dynamic=False)
+
+
+def sync_interval(device: torch.device) -> int:
+    """Tokens decoded between host reads: 1 on CPU (a read costs nothing), 8 on accelerators, where a
+    read per token stalls the launch queue (the stop checks run on each batch of 8)."""
+    return 1 if device.type == "cpu" else 8
+
+
 def generate_tokens(model, prompt_ids: Sequence[int], memory: Memory | None, settings: GenerationSettings,
-                    eos_ids: Sequence[int] = ()) -> Iterator[int]:
+                    eos_ids: Sequence[int] = (), prefix: PrefixState | None = None,
+                    on_prefix=None, step_fn=None) -> Iterator[int]:
     """Yields new token ids until EOS (not yielded) or `max_new_tokens`. Owns its KV cache, so
-    several generations may run at once on one model (threads share weights, not state)."""
+    several generations may run at once on one model (threads share weights, not state).
+
+    `prompt_ids` is the whole prompt; with `prefix`, its first `prefix.length` tokens are taken from
+    the persisted states instead of being prefilled. `on_prefix(cache)`, when given, is called after
+    the prefill so a caller can persist the states of a prefix. `step_fn` replaces
+    `decode_one_token` (a compiled or graphed version; it must use a static cache)."""
     base = model.base if hasattr(model, "base") else model
     device = base.embed_tokens.weight.device
-    generator = torch.Generator().manual_seed(settings.seed)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
     ids = torch.tensor([list(prompt_ids)], device=device)
-    cache = base.new_cache(1, ids.shape[1] + settings.max_new_tokens)
+    cache = base.new_cache(1, ids.shape[1] + settings.max_new_tokens, static=step_fn is not None)
+    start = 0
+    if prefix is not None and prefix.length:
+        if prefix.length >= ids.shape[1]:
+            raise ValueError(f"a prefix of {prefix.length} tokens leaves nothing to prefill of {ids.shape[1]}")
+        for layer, k, v in zip(cache, prefix.k, prefix.v, strict=True):
+            layer.load_prefix(k.to(device, layer.k.dtype), v.to(device, layer.v.dtype))
+        start = prefix.length
+    step = step_fn or decode_one_token
+    every = sync_interval(device)
     try:
         if memory is not None:
             memory.tracking = True
-        logits = prefill(model, ids, memory, cache)
-        position = ids.shape[1]
-        for step in range(settings.max_new_tokens):
+        logits = prefill(model, ids[:, start:], memory, cache, start)
+        if on_prefix is not None:
+            on_prefix(cache)
+        input_pos = torch.tensor([ids.shape[1]], device=device)
+        pending: list[torch.Tensor] = []
+        for n in range(settings.max_new_tokens):
             token = sample(logits, settings.temperature, settings.top_p, generator)
-            if token in eos_ids:
+            pending.append(token)
+            last = n + 1 == settings.max_new_tokens
+            if len(pending) == every or last:
+                for tid in torch.stack(pending).tolist():
+                    if tid in eos_ids:
+                        return
+                    yield tid
+                pending.clear()
+            if last:
                 return
-            yield token
-            if step + 1 == settings.max_new_tokens:
-                return
-            logits = decode_one_token(model, token, position, memory, cache, device)
-            position += 1
+            logits = step(model, token.view(1, 1), input_pos, memory, cache)
+            input_pos = input_pos + 1
     finally:
         if memory is not None:
             memory.tracking = False
@@ -116,17 +168,20 @@ class TextStream:
     """
 
     def __init__(self, model, tokenizer, prompt_ids: list[int], memory: Memory | None,
-                 settings: GenerationSettings, eos_ids: Sequence[int], retrieval_s: float = 0.0) -> None:
+                 settings: GenerationSettings, eos_ids: Sequence[int], retrieval_s: float = 0.0,
+                 prefix: PrefixState | None = None, on_prefix=None, step_fn=None) -> None:
         self.model, self.tokenizer, self.memory = model, tokenizer, memory
         self.prompt_ids, self.settings, self.eos_ids = prompt_ids, settings, eos_ids
         self.retrieval_s = retrieval_s
+        self.prefix, self.on_prefix, self.step_fn = prefix, on_prefix, step_fn
         self.result = GenerationResult(prompt_tokens=len(prompt_ids))
 
     def __iter__(self) -> Iterator[str]:
         start = time.perf_counter()
         emitted, tokens, first_at = "", [], None
         finish = "length"
-        for token in generate_tokens(self.model, self.prompt_ids, self.memory, self.settings, self.eos_ids):
+        for token in generate_tokens(self.model, self.prompt_ids, self.memory, self.settings, self.eos_ids,
+                                     self.prefix, self.on_prefix, self.step_fn):
             first_at = first_at or time.perf_counter()
             tokens.append(token)
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)

