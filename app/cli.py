@@ -45,7 +45,8 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument(
         "--model",
         default=default,
-        help="checkpoint directory or .gguf (default: bundled SmolLM2-135M-Instruct, or SHAREDLLM_MODEL)",
+        help="bundled model name (qwen2.5-0.5b, the default; smollm2), checkpoint directory or .gguf "
+        "(or SHAREDLLM_MODEL)",
     )
     parser.add_argument("--device", default=default, help="auto (default), cpu, cuda, cuda:1 ...")
     parser.add_argument(

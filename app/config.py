@@ -30,7 +30,8 @@ class Settings:
     data_dir: Path = Path("data")
     # SQLAlchemy URL; None means SQLite in data_dir (`sqlite:///<data_dir>/sharedllm.db`).
     database_url: str | None = None
-    # Checkpoint directory of a LLaMA-family model; None means the bundled SmolLM2-135M-Instruct.
+    # A bundled model by name ("qwen2.5-0.5b", "smollm2"), or a Hugging Face checkpoint directory or
+    # .gguf file of a LLaMA-family model; None means the default, Qwen2.5-Coder-0.5B-Instruct.
     model: str | None = None
     # SharedLLM weights directory (xattn.safetensors + sharedllm_config.json); None means the trained
     # weights bundled in assets/ for the default model, if present.
@@ -42,6 +43,9 @@ class Settings:
     retrieval_vector: str | None = None
     # "auto" picks CUDA when available, else CPU.
     device: str = "auto"
+    # torch's CPU threads; None keeps torch's default (one per core). OMP_WAIT_POLICY is set to PASSIVE
+    # before torch loads unless you set it (model/threads.py: 6.5x faster decoding on shared cores).
+    threads: int | None = None
     # GPU memory (GiB) for the trees of recently asked documents (CUDA only; 0 disables): a question
     # on a cached document gathers its memory on the GPU instead of copying it from the store.
     gpu_tree_cache_gb: float = 8.0
@@ -80,6 +84,8 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.gpu_tree_cache_gb < 0:
             raise ConfigError(f"gpu_tree_cache_gb must be >= 0, got {self.gpu_tree_cache_gb}")
         if self.temperature < 0:

@@ -4,6 +4,7 @@
     python -m bench model   [--lengths 4096]                     # engine level: encode, search+gather, ours vs HF
     python -m bench ingest  [--pdf nettle-manual]                # real PDF, time split, bytes per token
     python -m bench quality [--needle-lengths ...] [--qa-pdfs ...]  # needle grid, real-PDF QA, perplexity
+    python -m bench base    [--models qwen2.5-0.5b,smollm2]      # reading, decoder vs HF, full's prompt cache
     python -m bench smoke                                        # all of the above, tiny model, seconds
     python -m bench all                                          # speed, model, ingest, quality
 
@@ -26,6 +27,7 @@ log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = ("speed", "model", "ingest", "quality")
+EXTRA_BENCHMARKS = ("base",)  # not part of `all`: it loads every bundled model
 
 
 def _ints(text: str) -> list[int]:
@@ -37,9 +39,10 @@ def _floats(text: str) -> list[float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("benchmark", choices=(*BENCHMARKS, "smoke", "all"))
+    parser.add_argument("benchmark", choices=(*BENCHMARKS, *EXTRA_BENCHMARKS, "smoke", "all"))
     parser.add_argument("--data-dir", type=Path, default=None, help="model cache (default ./data or SHAREDLLM_DATA_DIR)")
-    parser.add_argument("--model", default=None, help="checkpoint directory or .gguf (default: bundled SmolLM2)")
+    parser.add_argument("--model", default=None,
+                        help="bundled model name (qwen2.5-0.5b, the default; smollm2), checkpoint directory or .gguf")
     parser.add_argument("--weights", default=None, help="SharedLLM weights directory (default: assets/, if trained)")
     parser.add_argument("--init-mode", choices=("copy", "zero"), default=None,
                         help="initialisation of untrained cross-attention (ignored with --weights)")
@@ -61,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", type=int, default=1, help="speed: questions per document")
     parser.add_argument("--tiled-lengths", type=_ints, default=None,
                         help="model: search+gather and TTFT on trees tiled to these lengths")
+    # base
+    parser.add_argument("--models", default="qwen2.5-0.5b,smollm2", help="base: bundled models compared")
+    parser.add_argument("--reading-items", type=int, default=12, help="base: real-PDF reading questions")
+    parser.add_argument("--cache-lengths", type=_ints, default=None, help="base: documents for full's prompt cache")
     # ingest
     parser.add_argument("--pdf", default="nettle-manual", help="ingest: a PDF id of bench/data/real_pdfs.json")
     parser.add_argument("--no-ask", action="store_true", help="ingest: skip the per-engine question")
@@ -153,6 +160,12 @@ def run_benchmarks(args: argparse.Namespace, command: str) -> list:
                 qa_pdfs=qa_pdfs, qa_limit=args.qa_limit or (1 if smoke else None),
                 ppl_lengths=args.ppl_lengths or ([256] if smoke else [2048, 8192]),
                 skip=skip))
+        elif name == "base":
+            from bench import base_model
+
+            sections.append(base_model.run_base(
+                run, [m for m in args.models.split(",") if m], 2 if smoke else args.reading_items,
+                args.cache_lengths or ([600] if smoke else [5120, 30720]), args.data_dir or Path("data")))
         log.info("benchmark %s: done in %.0f s", name, time.perf_counter() - t0)
     if getattr(args, "remove_store", False):
         shutil.rmtree(args.store_dir, ignore_errors=True)

@@ -4,6 +4,12 @@ search, cross-attention decoding, generation and citations. No database, no web.
 The app uses `load_model` -> `LoadedModel` (see docs/model.md and docs/contracts.md).
 """
 
+from model.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch is imported below: OpenMP reads it once (model/threads.py)
+
+# ruff: noqa: E402
+
 from model.attribution import Attribution
 from model.config import ConfigError, ModelConfig, SharedLLMConfig
 from model.decoder import Transformer

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from model.config import SharedLLMConfig
-from model.generate import GenerationSettings, TextStream
+from model.generate import GenerationSettings, PrefixState, TextStream
 from model.catalog import BUNDLED, bundled
 from model.loading import (
     ModelError,
@@ -27,6 +27,7 @@ from model.loading import (
     resolve_checkpoint,
 )
 from model.memory import Memory
+from model.threads import set_threads
 from model.sharedllm import CONFIG_FILE, WEIGHTS_FILE, SharedLLM
 from model.tree import ContextTree, Progress
 
@@ -84,8 +85,21 @@ class LoadedModel:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
+        return self.prompt_ids(messages)[0]
+
+    def prompt_ids(self, messages: list[dict], split_after: str | None = None) -> tuple[list[int], int]:
+        """The chat-templated prompt's token ids and the length of its cacheable prefix.
+
+        With `split_after` (a text the first user message starts with, e.g. `full`'s documents), the
+        rendered prompt is tokenized in two pieces cut right after it, so the prefix's ids do not
+        depend on what follows (the question, later turns) and its K/V can be persisted and reused
+        (`PrefixState`). The prompt is these ids with or without a cache, so both decode the same."""
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenize(text)
+        if not split_after or split_after not in text:
+            return self.tokenize(text), 0
+        cut = text.index(split_after) + len(split_after)
+        head = self.tokenize(text[:cut])
+        return head + self.tokenize(text[cut:]), len(head)
 
     def encode_tree(self, token_ids, progress: Progress | None = None) -> ContextTree:
         return self.model.encode_tree(token_ids, progress)
@@ -98,15 +112,20 @@ class LoadedModel:
         return self.model.build_memory(trees, query, top_k_chunks)
 
     def generate(self, messages: list[dict], memory: Memory | None = None,
-                 settings: GenerationSettings | None = None, retrieval_s: float = 0.0) -> TextStream:
+                 settings: GenerationSettings | None = None, retrieval_s: float = 0.0,
+                 prompt_ids: list[int] | None = None, prefix: PrefixState | None = None,
+                 on_prefix=None) -> TextStream:
+        """Streams the answer to `messages` (or to ready `prompt_ids` from `prompt_ids()`); `prefix`
+        and `on_prefix` reuse or capture persisted prompt-prefix states (see `generate_tokens`)."""
         settings = settings or GenerationSettings()
-        return TextStream(self.model, self.tokenizer, self.chat_ids(messages), memory, settings,
-                          self.eos_ids, retrieval_s)
+        ids = prompt_ids if prompt_ids is not None else self.chat_ids(messages)
+        return TextStream(self.model, self.tokenizer, ids, memory, settings, self.eos_ids, retrieval_s,
+                          prefix=prefix, on_prefix=on_prefix)
 
 
 def load_model(model_path: str | Path | None = None, data_dir: str | Path = "data",
                device: str | None = "auto", dtype: str | None = None, weights: str | Path | bool | None = None,
-               attention: str | None = None, **config_overrides) -> LoadedModel:
+               attention: str | None = None, threads: int | None = None, **config_overrides) -> LoadedModel:
     """Loads a checkpoint and its SharedLLM weights.
 
     `model_path`: None (the default bundled model), a bundled name (`model.catalog.BUNDLED`), a Hugging
@@ -116,6 +135,7 @@ def load_model(model_path: str | Path | None = None, data_dir: str | Path = "dat
     weights exist.
     """
     started = time.perf_counter()
+    set_threads(threads)
     data_dir = Path(data_dir)
     checkpoint = resolve_checkpoint(model_path, data_dir)
     dev = pick_device(device)

@@ -15,6 +15,7 @@ from app.auth import AuthService
 from app.config import Settings
 from app.services.conversations import ConversationService
 from app.services.documents import DocumentService
+from app.services.prompt_cache import PromptCacheService
 from app.services.qa import QAService
 from storage import TensorStore, make_engine, make_session_factory, upgrade
 
@@ -40,7 +41,8 @@ class AppContext:
         self.documents = DocumentService(self.sessions, self.tensors, settings.uploads_dir)
         self.documents.ensure_tree = lambda owner_id, doc_id: self.ingestion.ensure_tree(owner_id, doc_id)
         self.conversations = ConversationService(self.sessions)
-        self.qa = QAService(self.sessions, self.documents, self.model)
+        self.prompt_cache = PromptCacheService(self.sessions, self.tensors)
+        self.qa = QAService(self.sessions, self.documents, self.model, self.prompt_cache)
         self._model = model
         self._model_loader = model_loader or _load_default
         self._model_lock = threading.Lock()
@@ -84,5 +86,6 @@ def _load_default(settings: Settings) -> Any:
 
     overrides = {"retrieval_vector": settings.retrieval_vector} if settings.retrieval_vector else {}
     return load_model(
-        settings.model, data_dir=settings.data_dir, device=settings.device, weights=settings.weights, **overrides
+        settings.model, data_dir=settings.data_dir, device=settings.device, weights=settings.weights,
+        threads=settings.threads, **overrides,
     )

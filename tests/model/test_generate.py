@@ -56,3 +56,73 @@ def test_invalid_settings_are_rejected():
         GenerationSettings(max_new_tokens=0)
     with pytest.raises(ValueError):
         GenerationSettings(top_p=0)
+
+
+def _prompt(n: int = 40) -> list[int]:
+    import torch
+
+    return torch.randint(5, 120, (n,), generator=torch.Generator().manual_seed(9)).tolist()
+
+
+def test_cache_is_preallocated_and_written_in_place(tiny_base):
+    import torch
+
+    from model.generate import decode_one_token, prefill
+
+    cache = tiny_base.new_cache(1, 64)
+    pointers = [(c.k.data_ptr(), c.v.data_ptr()) for c in cache]
+    logits = prefill(tiny_base, torch.tensor([_prompt()]), None, cache)
+    pos = torch.tensor([40])
+    for _ in range(5):
+        logits = decode_one_token(tiny_base, logits.argmax().view(1, 1), pos, None, cache)
+        pos = pos + 1
+    assert [(c.k.data_ptr(), c.v.data_ptr()) for c in cache] == pointers and cache[0].length == 45
+    with pytest.raises(ValueError, match="input_pos must continue it"):
+        decode_one_token(tiny_base, torch.tensor([[1]]), torch.tensor([50]), None, cache)
+
+
+def test_cached_decoding_equals_recomputing_the_whole_sequence(tiny_base):
+    """Cached = uncached: each step's logits with the KV cache (dynamic and static shapes) equal a
+    fresh forward over the whole sequence so far."""
+    import torch
+
+    from model.generate import decode_one_token, prefill
+
+    for static in (False, True):
+        ids = _prompt()
+        cache = tiny_base.new_cache(1, 60, static=static)
+        logits = prefill(tiny_base, torch.tensor([ids]), None, cache)
+        for _ in range(8):
+            with torch.no_grad():
+                full = tiny_base(torch.tensor([ids]))[0, -1]
+            assert (full - logits).abs().max().item() < 1e-4
+            token = int(logits.argmax())
+            ids.append(token)
+            logits = decode_one_token(tiny_base, torch.tensor([[token]]), torch.tensor([len(ids) - 1]), None, cache)
+
+
+def test_generation_from_a_persisted_prefix_gives_the_same_tokens(tiny_base):
+    from model.generate import PrefixState, generate_tokens
+
+    ids = _prompt(48)
+    settings = GenerationSettings(max_new_tokens=16)
+    captured = []
+    plain = list(generate_tokens(tiny_base, ids, None, settings, on_prefix=captured.append))
+    k, v = zip(*(layer.prefix(30) for layer in captured[0]), strict=True)
+    prefix = PrefixState([t.clone() for t in k], [t.clone() for t in v])
+    assert prefix.length == 30
+    assert list(generate_tokens(tiny_base, ids, None, settings, prefix=prefix)) == plain
+    with pytest.raises(ValueError, match="leaves nothing to prefill"):
+        list(generate_tokens(tiny_base, ids[:30], None, settings, prefix=prefix))
+
+
+def test_sampling_is_seeded_and_stays_in_the_nucleus():
+    import torch
+
+    from model.generate import sample
+
+    logits = torch.tensor([5.0, 4.9, -10.0, -10.0])
+    draws = {int(sample(logits, 1.0, 0.9, torch.Generator().manual_seed(s))) for s in range(30)}
+    assert draws == {0, 1}
+    a = [int(sample(logits, 1.0, 1.0, torch.Generator().manual_seed(3))) for _ in range(2)]
+    assert a[0] == a[1] and int(sample(logits, 0.0, 1.0, None)) == 0
