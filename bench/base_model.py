@@ -25,6 +25,7 @@ from bench.run import Run
 log = logging.getLogger(__name__)
 
 WINDOW_CHARS = 3000  # either side of the evidence: ~1.5K tokens of context in all
+READING_NEW_TOKENS = 48  # instruct models restate the question before the answer
 LAYOUTS = ("documents in the user message", "document before the chat template")
 
 
@@ -140,7 +141,7 @@ def run_base(run: Run, models: list[str], reading_n: int, cache_lengths: list[in
     for name in models:
         lm = load_model(name, data_dir=data_dir, device=str(run.lm.device), weights=False)
         model_run = dataclasses.replace(run, lm=lm)
-        raw["reading"] += reading(lm, items, run.max_new_tokens)
+        raw["reading"] += reading(lm, items, max(run.max_new_tokens, READING_NEW_TOKENS))
         section.raw = raw
         raw["decoder"].append({"model": lm.name, **ours_vs_hf(model_run, 1024, data_dir, name)})
         if name == models[0] and cache_lengths:
@@ -153,7 +154,7 @@ def run_base(run: Run, models: list[str], reading_n: int, cache_lengths: list[in
         [[m, *(_acc([r for r in raw["reading"] if r["model"] == m and r["layout"] == lay]) for lay in LAYOUTS),
           sorted(r["prompt_tokens"] for r in raw["reading"] if r["model"] == m)[len(items)]] for m in names],
         title=f"reading: {len(items)} real-PDF questions, ~1.5K tokens around the evidence in the prompt "
-              f"(contains-match, greedy, {run.max_new_tokens} new tokens)"))
+              f"(contains-match, greedy, {max(run.max_new_tokens, READING_NEW_TOKENS)} new tokens)"))
     section.tables.append(Table(
         ["model", "decoder", "prompt tokens", "TTFT s", "decode tok/s", "greedy tokens agree"],
         [row for d in raw["decoder"] for row in (

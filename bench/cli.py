@@ -5,6 +5,7 @@
     python -m bench ingest  [--pdf nettle-manual]                # real PDF, time split, bytes per token
     python -m bench quality [--needle-lengths ...] [--qa-pdfs ...]  # needle grid, real-PDF QA, perplexity
     python -m bench base    [--models qwen2.5-0.5b,smollm2]      # reading, decoder vs HF, full's prompt cache
+    python -m bench decode  [--lengths 4096,16384]               # KV-cache layout / decode attention, before vs now
     python -m bench smoke                                        # all of the above, tiny model, seconds
     python -m bench all                                          # speed, model, ingest, quality
 
@@ -27,7 +28,7 @@ log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = ("speed", "model", "ingest", "quality")
-EXTRA_BENCHMARKS = ("base",)  # not part of `all`: it loads every bundled model
+EXTRA_BENCHMARKS = ("base", "decode")  # not part of `all`: it loads every bundled model
 
 
 def _ints(text: str) -> list[int]:
@@ -67,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # base
     parser.add_argument("--models", default="qwen2.5-0.5b,smollm2", help="base: bundled models compared")
     parser.add_argument("--reading-items", type=int, default=12, help="base: real-PDF reading questions")
-    parser.add_argument("--cache-lengths", type=_ints, default=None, help="base: documents for full's prompt cache")
+    parser.add_argument("--cache-lengths", type=_ints, default=None, help="base: documents for full's prompt cache (0: none)")
     # ingest
     parser.add_argument("--pdf", default="nettle-manual", help="ingest: a PDF id of bench/data/real_pdfs.json")
     parser.add_argument("--no-ask", action="store_true", help="ingest: skip the per-engine question")
@@ -165,7 +166,13 @@ def run_benchmarks(args: argparse.Namespace, command: str) -> list:
 
             sections.append(base_model.run_base(
                 run, [m for m in args.models.split(",") if m], 2 if smoke else args.reading_items,
-                args.cache_lengths or ([600] if smoke else [5120, 30720]), args.data_dir or Path("data")))
+                [n for n in (args.cache_lengths if args.cache_lengths is not None else ([600] if smoke else [5120, 30720]))
+                 if n > 0],  # --cache-lengths 0: no prompt-cache rows
+                args.data_dir or Path("data")))
+        elif name == "decode":
+            from bench import decode_layout
+
+            sections.append(decode_layout.run_decode(run, args.lengths or ([256] if smoke else [4096, 16384])))
         log.info("benchmark %s: done in %.0f s", name, time.perf_counter() - t0)
     if getattr(args, "remove_store", False):
         shutil.rmtree(args.store_dir, ignore_errors=True)

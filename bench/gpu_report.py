@@ -100,6 +100,19 @@ def report(args: argparse.Namespace) -> int:
                     title=f"{entry['label']}: our decoder vs transformers' generate, same weights, no memory",
                 )
             )
+        if entry.get("decode"):
+            d = entry["decode"]
+            bound = args.hbm_gbs * 1e9 / d["weight_bytes"] if args.hbm_gbs else None
+            section.tables.append(
+                Table(
+                    ["decoder", "decode tok/s (batch 1)", "HBM bound tok/s", "share of the bound"],
+                    [[mode, d.get(key), bound, d[key] / bound if bound and d.get(key) else None]
+                     for mode, key in (("eager", "eager_tok_s"), ("torch.compile reduce-overhead", "compiled_tok_s"))
+                     if key in d],
+                    title=(f"{entry['label']}: decode after a {d['prompt_tokens']}-token prompt against reading "
+                           f"{d['weight_bytes'] / 2**30:.1f} GiB of weights per token at {args.hbm_gbs} GB/s"),
+                )
+            )
         name = entry["name"]
         figures = [
             ("ttft", "TTFT", "seconds", True, {

@@ -106,10 +106,11 @@ def random_model(name: str, device: torch.device, dtype: torch.dtype):
     return model, f"{name} (random weights)"
 
 
-def default_model(device: torch.device, data_dir: str):
+def default_model(device: torch.device, data_dir: str, model: str | None = None):
+    """A real checkpoint: a bundled name (needs its packages installed) or a .gguf / HF path."""
     from model.runtime import load_model
 
-    lm = load_model(None, data_dir, device=str(device), dtype="bfloat16")
+    lm = load_model(model, data_dir, device=str(device), dtype="bfloat16")
     return lm.model, f"{lm.name} (real weights)"
 
 
@@ -205,6 +206,19 @@ def ours_vs_transformers(model, n_tokens: int, device: torch.device, vocab: int)
     }
 
 
+def decode_speed(model, device: torch.device, vocab: int, compiled: bool, prompt_tokens: int = 1024) -> dict:
+    """Batch-1 decode tokens/s after a `prompt_tokens` prompt, eager and (optionally) compiled, next
+    to the memory-bandwidth bound: each token must read every weight once (plus the KV cache)."""
+    prompt = torch.randint(100, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(2)).to(device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.base.parameters())
+    out = {"prompt_tokens": prompt_tokens, "weight_bytes": weight_bytes,
+           "eager_tok_s": [prefill_and_decode(model, prompt, None, NEW_TOKENS) for _ in range(2)][-1][1]}
+    if compiled:
+        prefill_and_decode(model, prompt, None, 8, compiled=True)  # compile + graph capture
+        out["compiled_tok_s"] = prefill_and_decode(model, prompt, None, NEW_TOKENS, compiled=True)[1]
+    return out
+
+
 def _greedy_tokens(base, prompt: torch.Tensor, n: int) -> list[int]:
     from model.generate import GenerationSettings, generate_tokens
 
@@ -292,7 +306,8 @@ def measure(args: argparse.Namespace) -> int:
     for name in args.configs.split(","):
         t0 = time.perf_counter()
         model, label = (
-            default_model(device, args.data_dir) if name == "default" else random_model(name, device, dtype)
+            default_model(device, args.data_dir, args.model) if name == "default"
+            else random_model(name, device, dtype)
         )
         entry = {
             "name": name,
@@ -309,6 +324,8 @@ def measure(args: argparse.Namespace) -> int:
         for n in lengths:
             entry["rows"].append(measure_length(model, n, device, model.base.config.vocab_size, seed=n))
             path.write_text(json.dumps(out, indent=1))  # what was measured survives a timeout
+        entry["decode"] = decode_speed(model, device, model.base.config.vocab_size, args.compile)
+        path.write_text(json.dumps(out, indent=1))
         if args.vs_transformers:
             entry["vs_transformers"] = [
                 ours_vs_transformers(model, n, device, model.base.config.vocab_size)
@@ -334,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--lengths", default="8192,16384,32768,65536,131072")
     m.add_argument("--device", default="auto")
     m.add_argument("--data-dir", default="data")
+    m.add_argument("--model", default=None,
+                   help="the `default` config's checkpoint: bundled name or a .gguf / HF directory path")
+    m.add_argument("--compile", action="store_true",
+                   help="decode with torch.compile (reduce-overhead: CUDA graphs) over a static cache")
     m.add_argument(
         "--vs-transformers", default="", help="prompt lengths for ours vs transformers' generate, e.g. 4096"
     )
@@ -341,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("results", nargs="+", help="JSON files written by `measure` (one section for all)")
     r.add_argument("--md", default="docs/benchmarks.md")
     r.add_argument("--raw-dir", default="bench/results")
+    r.add_argument("--hbm-gbs", type=float, default=4800.0,
+                   help="the GPU's memory bandwidth in GB/s for the decode bound (H200: 4800, H100 SXM: 3350)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.cmd == "measure":

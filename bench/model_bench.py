@@ -69,6 +69,8 @@ def ours_vs_hf(run: Run, prompt_tokens: int, data_dir: Path, model_path: str | N
     messages = [{"role": "user", "content": f"{doc}\n\nSummarise the text above in one sentence."}]
     ids = lm.chat_ids(messages)
     settings = GenerationSettings(max_new_tokens=n_new)
+    for _ in lm.generate([], None, GenerationSettings(max_new_tokens=2), prompt_ids=ids[:64]):  # warm-up
+        pass
     stream = lm.generate(messages, None, settings)
     for _ in stream:
         pass
@@ -77,6 +79,7 @@ def ours_vs_hf(run: Run, prompt_tokens: int, data_dir: Path, model_path: str | N
     input_ids = torch.tensor([ids])
     kwargs = {"do_sample": False, "pad_token_id": lm.tokenizer.eos_token_id, "eos_token_id": lm.eos_ids}
     with torch.no_grad():
+        hf.generate(input_ids[:, :64], max_new_tokens=2, **kwargs)  # warm-up, as ours got
         t0 = time.perf_counter()
         hf.generate(input_ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
         hf_ttft = time.perf_counter() - t0

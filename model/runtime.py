@@ -101,6 +101,18 @@ class LoadedModel:
         head = self.tokenize(text[:cut])
         return head + self.tokenize(text[cut:]), len(head)
 
+    @torch.no_grad()
+    def prefix_states(self, prompt_ids: list[int]) -> list:
+        """The base model's self-attention K/V of `prompt_ids` (a prompt prefix), as the filled
+        per-layer caches `generate(..., on_prefix=...)` would hand over; for persisting ahead of a
+        question (`KVCache.prefix()` gives the tensors)."""
+        from model.generate import prefill
+
+        base = self.model.base
+        cache = base.new_cache(1, len(prompt_ids))
+        prefill(base, torch.tensor([prompt_ids], device=self.device), None, cache)
+        return cache
+
     def encode_tree(self, token_ids, progress: Progress | None = None) -> ContextTree:
         return self.model.encode_tree(token_ids, progress)
 

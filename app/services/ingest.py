@@ -60,8 +60,22 @@ class Ingestion:
         started = time.perf_counter()
         doc = self.service.ingest(owner_id, path, name=name, progress=progress)
         info = document_dict(doc)
+        if info["status"] == "ready" and self._ctx.settings.engine == "full":
+            self._warm_full_prompt(owner_id, info["id"], progress)
         info["seconds"] = round(time.perf_counter() - started, 3)
         return info
+
+    def _warm_full_prompt(self, owner_id: int, document_id: int, progress: Any | None) -> None:
+        """The default engine `full` reads the whole document: its prompt prefix is prefilled once here
+        (the document is already `ready`), not on the first question. A failure only costs that question."""
+        if progress:
+            progress("prompt", 0, 1)
+        try:
+            self._ctx.qa.warm_prompt_cache(owner_id, document_id, "full")
+        except Exception:
+            logger.exception("could not prepare the full-text prompt cache of document %s", document_id)
+        if progress:
+            progress("prompt", 1, 1)
 
     def ensure_tree(self, owner_id: int, document_id: int) -> None:
         """Re-encode a ready document whose tree is missing, damaged or from another model."""

@@ -67,6 +67,10 @@ class PromptCacheService:
         digest.update(torch.tensor(prefix_ids, dtype=torch.int64).numpy().tobytes())
         return PrefixKey(document_id, FINGERPRINT_PREFIX + digest.hexdigest()[:32], tuple(prefix_ids))
 
+    def has(self, key: PrefixKey) -> bool:
+        with self._sessions() as session:
+            return self._record(session, key) is not None
+
     def load(self, key: PrefixKey) -> Any | None:
         """The persisted `PrefixState`, memory-mapped and verified, or None (missing or damaged)."""
         from model.generate import PrefixState

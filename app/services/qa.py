@@ -172,6 +172,26 @@ class QAService:
         )
         yield Answer(text, engine, conv_id, citations, timings, message_id, prepared.notes)
 
+    def warm_prompt_cache(self, owner_id: int, document_id: int, engine: str = "full") -> int:
+        """Computes and persists `engine`'s prompt prefix for one document ahead of any question (after
+        ingestion), so even the first question prefills only itself. Returns the cached token count
+        (0 when the engine has no cacheable prefix, it is too short, or it was already stored)."""
+        impl = get_engine(engine)
+        if self._prompt_cache is None or impl.needs_tree:
+            return 0
+        lm = self._model()
+        docs = self._documents.load_for_qa(owner_id, [document_id], None)
+        prepared = impl.prepare(lm, "?", docs, [])
+        prompt_ids, prefix_len = lm.prompt_ids(prepared.messages, prepared.cache_prefix)
+        key = self._prompt_cache.key(lm, document_id, prompt_ids[:prefix_len]) if prefix_len else None
+        if key is None or self._prompt_cache.has(key):
+            return 0
+        t0 = time.perf_counter()
+        self._prompt_cache.save(key, lm.prefix_states(list(key.token_ids)))
+        logger.info("document %s: %s prompt prefix of %d tokens cached in %.1f s", document_id, engine,
+                    len(key.token_ids), time.perf_counter() - t0)
+        return len(key.token_ids)
+
     def answer_all(self, *args: Any, **kwargs: Any) -> Answer:
         """Non-streaming convenience: the final record."""
         final = None

@@ -67,6 +67,7 @@ class SettingsPage(Pages):
             label="Engine",
             info="sharedllm: the method; full: document in the prompt; rag: BM25 chunks",
         )
+        gr.Markdown(render.default_engine_markdown(s.engine), elem_id="default-engine")
         self.max_new_tokens = gr.Slider(16, 1024, value=s.max_new_tokens, step=16, label="Max new tokens")
         self.temperature = gr.Slider(
             0.0, 1.5, value=s.temperature, step=0.05, label="Temperature", info="0 = greedy (reproducible)"
@@ -163,12 +164,16 @@ class LibraryPage(Pages):
                 continue
             if event[0] == "progress":
                 _, stage, done, total = event
-                # extraction is the first 20 % of the bar, encoding the rest
+                # extraction is the first 20 % of the bar, encoding the rest; then the full-text
+                # prompt cache (the document is ready for questions already, the bar stays full)
                 frac = done / total if total else 0.0
-                row.update(
-                    status="encoding" if stage == "encode" else "extracting",
-                    fraction=0.2 + 0.8 * frac if stage == "encode" else 0.2 * frac,
-                )
+                if stage == "prompt":
+                    row.update(status="caching prompt", fraction=1.0)
+                else:
+                    row.update(
+                        status="encoding" if stage == "encode" else "extracting",
+                        fraction=0.2 + 0.8 * frac if stage == "encode" else 0.2 * frac,
+                    )
             elif event[0] == "done":
                 doc = event[1]
                 row.update(status=doc["status"], error=doc.get("error") or "", id=doc["id"])

@@ -124,3 +124,12 @@ def notes_markdown(notes: dict[str, Any]) -> str:
     """Warnings an engine attached to an answer (untrained weights, truncated document)."""
     lines = [f"**{label}:** {text}" for label, text in note_lines(notes)]
     return "\n\n".join(lines) + ("\n\n" if lines else "")
+
+
+def default_engine_markdown(engine: str) -> str:
+    """Why new questions use the engine they use (shown under the engine choice)."""
+    from app.config import DEFAULT_ENGINE, DEFAULT_ENGINE_REASON
+
+    if engine != DEFAULT_ENGINE:
+        return f"Default engine: **{html.escape(engine)}**, set by this server's configuration (SHAREDLLM_ENGINE)."
+    return f"Default engine: **{DEFAULT_ENGINE}**: {html.escape(DEFAULT_ENGINE_REASON, quote=False)}."

@@ -46,7 +46,8 @@ def test_ingest_docs_ask_export_rm(cli, contract_pdf, tmp_path):
     assert code == 0 and [d["id"] for d in one_json(out)["documents"]] == [doc["id"]]
 
     code, out, err = cli(
-        "ask", "What is the annual fee?", "--doc", str(doc["id"]), "--max-new-tokens", "4", "--json"
+        "ask", "What is the annual fee?", "--doc", str(doc["id"]), "--max-new-tokens", "4", "--engine", "sharedllm",
+        "--json",
     )
     assert code == 0, err
     answer = one_json(out)

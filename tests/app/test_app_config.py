@@ -38,3 +38,34 @@ def test_secret_not_serialised():
     s = Settings.load(environ={"SHAREDLLM_ADMIN_PASSWORD": "hunter2"})
     assert s.admin_password == "hunter2"
     assert "hunter2" not in s.to_json() and "hunter2" not in repr(s)
+
+
+def test_default_engine_is_the_benchmark_winner_and_the_settings_tab_says_why():
+    from app.config import DEFAULT_ENGINE, ENGINES
+    from app.ui.render import default_engine_markdown
+
+    s = Settings.load(environ={})
+    assert s.engine == DEFAULT_ENGINE and DEFAULT_ENGINE in ENGINES
+    text = default_engine_markdown(s.engine)
+    assert f"**{DEFAULT_ENGINE}**" in text and "benchmark" in text and "{" not in text
+    assert "SHAREDLLM_ENGINE" in default_engine_markdown("rag")
+
+
+def test_threads_setting():
+    assert Settings.load(environ={"SHAREDLLM_THREADS": "2"}).threads == 2
+    assert Settings.load(environ={}).threads is None
+    with pytest.raises(ConfigError, match="threads"):
+        Settings.load(environ={"SHAREDLLM_THREADS": "0"})
+
+
+def test_omp_wait_policy_is_passive_before_torch_unless_set():
+    import subprocess
+    import sys
+
+    probe = "import os, app; import torch; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "ACTIVE"

@@ -75,3 +75,22 @@ def test_the_cache_goes_with_its_document_and_short_prompts_are_not_cached(ctx, 
     short = make_doc(alice.id, name="short.pdf")  # ~60 tokens: cheaper to prefill than to read back
     ask(ctx.qa, alice.id, "What is the annual fee?", [short])
     assert prompt_rows(ctx) == []
+
+
+def test_ingestion_prepares_the_cache_so_the_first_question_prefills_only_itself(ctx, two_users, tmp_path):
+    from app_testkit import write_pdf
+
+    alice, _ = two_users
+    assert ctx.settings.engine == "full"  # the default engine: its prefix is made at ingestion
+    stages = []
+    info = ctx.ingestion.ingest_path(alice.id, write_pdf(tmp_path / "lots.pdf", LONG_PAGES),
+                                     progress=lambda stage, done, total: stages.append(stage))
+    assert info["status"] == "ready" and stages[-1] == "prompt"
+    [(doc, _, _, _)] = prompt_rows(ctx)
+    assert doc == info["id"]
+    assert ctx.qa.warm_prompt_cache(alice.id, doc) == 0  # already there: nothing recomputed
+    first = ask(ctx.qa, alice.id, "How many units are in lot 1?", [doc])
+    assert first.timings["cached_prompt_tokens"] >= 256
+    uncached = ask(QAService(ctx.sessions, ctx.documents, ctx.model, prompt_cache=None), alice.id,
+                   "How many units are in lot 1?", [doc])
+    assert uncached.answer == first.answer

@@ -43,4 +43,7 @@ def test_measure_then_report_on_a_tiny_model(tmp_path):
     text = md.read_text()
     assert "<!-- bench:gpu:start -->" in text and "tiny (random weights)" in text
     assert "our decoder vs transformers' generate" in text
+    decode = data["models"][0]["decode"]
+    assert decode["eager_tok_s"] > 0 and decode["weight_bytes"] > 0 and "compiled_tok_s" not in decode
+    assert "HBM bound tok/s" in text
     assert (tmp_path / "img" / "gpu-ttft-tiny.png").stat().st_size > 1000
