@@ -211,21 +211,29 @@ class StageTimes:
 @contextlib.contextmanager
 def timed_ingestion(ctx: Any) -> Iterator[StageTimes]:
     """Times IngestionService's stages from outside: wraps `extract_pdf` and `tokenize_pages` in
-    `app.ingestion`, the model's `encode_tree` and the tensor store's `save` (the "write" stage).
-    Whatever else ingestion does (hashing the upload, database rows) is `total - sum(stages)`."""
+    `app.ingestion`, the model's `encode_tree`, the tensor store's `save` (the "write" stage: the
+    tree) and the QA service's `warm_prompt_cache` (the "prompt" stage: `full`'s prompt prefix,
+    prefill and its own write). Whatever else ingestion does (hashing the upload, database rows) is
+    `total - sum(stages)`."""
     from app import ingestion
 
     times = StageTimes()
     lm = ctx.model()
-    originals = (ingestion.extract_pdf, ingestion.tokenize_pages, lm.encode_tree, ctx.tensors.save)
+    originals = (ingestion.extract_pdf, ingestion.tokenize_pages, lm.encode_tree, ctx.tensors.save,
+                 ctx.qa.warm_prompt_cache)
+    inside: list[str] = []  # the stage running now: a save inside "prompt" is not a tree write
 
     def timed(stage: str, fn):
         def wrapper(*args, **kwargs):
+            if stage == "write" and "prompt" in inside:
+                return fn(*args, **kwargs)
+            inside.append(stage)
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 times.seconds[stage] += time.perf_counter() - t0
+                inside.pop()
         return wrapper
 
     def extract(*args, **kwargs):
@@ -237,12 +245,14 @@ def timed_ingestion(ctx: Any) -> Iterator[StageTimes]:
     ingestion.tokenize_pages = timed("tokenize", originals[1])
     lm.encode_tree = timed("encode", originals[2])
     ctx.tensors.save = timed("write", originals[3])
+    ctx.qa.warm_prompt_cache = timed("prompt", originals[4])
     try:
         yield times
     finally:
         ingestion.extract_pdf, ingestion.tokenize_pages = originals[0], originals[1]
         del lm.encode_tree  # back to the class's method
         del ctx.tensors.save
+        del ctx.qa.warm_prompt_cache
 
 
 def app_context(work_dir: Path, lm: Any) -> Any:
@@ -254,13 +264,17 @@ def app_context(work_dir: Path, lm: Any) -> Any:
 
 
 def stored_bytes(ctx: Any, doc_id: int) -> dict[str, int]:
-    """Bytes on disk for one document: its tree file(s) and its text rows (pages + chunks)."""
+    """Bytes on disk for one document: its tree file(s), `full`'s prompt cache and its text rows."""
     from sqlalchemy import select
 
+    from app.services.prompt_cache import is_prompt_cache
     from storage import Chunk, ContextTreeRecord, Page
 
     with ctx.sessions() as s:
-        tree = sum(s.scalars(select(ContextTreeRecord.bytes).where(ContextTreeRecord.document_id == doc_id)))
+        files = s.execute(select(ContextTreeRecord.fingerprint, ContextTreeRecord.bytes)
+                          .where(ContextTreeRecord.document_id == doc_id)).all()
         pages = sum(len(t.encode()) for t in s.scalars(select(Page.text).where(Page.document_id == doc_id)))
         chunks = sum(len(t.encode()) for t in s.scalars(select(Chunk.text).where(Chunk.document_id == doc_id)))
-    return {"tree_bytes": int(tree), "text_bytes": int(pages + chunks)}
+    tree = sum(b for f, b in files if not is_prompt_cache(f))
+    prompt = sum(b for f, b in files if is_prompt_cache(f))
+    return {"tree_bytes": int(tree), "prompt_cache_bytes": int(prompt), "text_bytes": int(pages + chunks)}

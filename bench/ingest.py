@@ -52,7 +52,7 @@ def run_ingest(run: Run, pdf_id: str = DEFAULT_PDF, engines: tuple[str, ...] = (
             other = total - sum(s.values())
             rows = [[stage, s.get(stage, 0.0), 100 * s.get(stage, 0.0) / total,
                      tokens / s[stage] if s.get(stage) else None]
-                    for stage in ("extract", "tokenize", "encode", "write")]
+                    for stage in ("extract", "tokenize", "encode", "write", "prompt")]
             rows.append(["other (upload hash, DB rows)", other, 100 * other / total, None])
             rows.append(["**total**", total, 100.0, tokens / total])
             section.tables.append(Table(["stage", "seconds", "% of total", "tokens/s"], rows,
@@ -60,6 +60,8 @@ def run_ingest(run: Run, pdf_id: str = DEFAULT_PDF, engines: tuple[str, ...] = (
             section.tables.append(Table(
                 ["stored", "bytes", "bytes per document token"],
                 [["context tree (safetensors, incl. token ids)", sizes["tree_bytes"], sizes["tree_bytes"] / tokens],
+                 ["full's prompt cache (K/V of the document prefix, model dtype)", sizes["prompt_cache_bytes"],
+                  sizes["prompt_cache_bytes"] / tokens],
                  ["text rows (pages + chunks, SQLite)", sizes["text_bytes"], sizes["text_bytes"] / tokens]],
             ))
             raw = {"pdf": pdf_id, "pages": pdf.pages, "tokens": tokens, "total_s": total, "stages_s": s,

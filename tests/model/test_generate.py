@@ -126,3 +126,27 @@ def test_sampling_is_seeded_and_stays_in_the_nucleus():
     assert draws == {0, 1}
     a = [int(sample(logits, 1.0, 1.0, torch.Generator().manual_seed(3))) for _ in range(2)]
     assert a[0] == a[1] and int(sample(logits, 0.0, 1.0, None)) == 0
+
+
+@pytest.mark.timeout(300)
+def test_compiled_decode_step_over_a_static_cache_matches_eager(tiny_base):
+    """The CUDA-graph path's shape discipline, checked on CPU with inductor: torch.compile of
+    decode_one_token over a static cache gives the eager logits step after step."""
+    import torch
+
+    from model.generate import compiled_decode_step, decode_one_token, prefill
+
+    ids = torch.tensor([_prompt()])
+
+    def run(step, static):
+        cache = tiny_base.new_cache(1, 64, static=static)
+        logits = prefill(tiny_base, ids, None, cache)
+        pos, out = torch.tensor([ids.shape[1]]), []
+        for _ in range(6):
+            logits = step(tiny_base, logits.argmax().view(1, 1), pos, None, cache)
+            out.append(logits.clone())
+            pos = pos + 1
+        return torch.stack(out)
+
+    eager = run(decode_one_token, False)
+    assert (run(compiled_decode_step("default"), True) - eager).abs().max().item() < 1e-4
