@@ -13,7 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-data", required=True, help="shard directory (python -m model.train.data)")
     parser.add_argument("--eval-data", help="held-out shard directory")
     parser.add_argument("--out", required=True, help="output directory (checkpoint/, loss.png, weights)")
-    parser.add_argument("--base-model", default=None, help="checkpoint (default: the bundled SmolLM2)")
+    parser.add_argument("--base-model", default=None,
+                        help="bundled name (default: qwen2.5-0.5b; smollm2), checkpoint directory or .gguf; "
+                             "the training shards must be tokenized for it (python -m model.train.data --model)")
     parser.add_argument("--init-weights", default=None, help="start from these SharedLLM weights")
     parser.add_argument("--init-mode", default="zero", choices=["zero", "copy"])
     parser.add_argument("--retrieval-vector", default=None, choices=["last", "mean"],
@@ -47,6 +49,7 @@ def run(args: argparse.Namespace, data_dir: Path) -> Path:
     lm = load_model(args.base_model, data_dir, device=args.device, dtype="float32", weights=args.init_weights or False,
                     **overrides)
     train_items = ShardReader(args.train_data, with_meta=False)
+    check_shards_match(train_items.manifest, lm, args.train_data)
     eval_items = []
     if args.eval_data:
         reader = ShardReader(args.eval_data, with_meta=False)
@@ -61,6 +64,17 @@ def run(args: argparse.Namespace, data_dir: Path) -> Path:
     lm.model.save_pretrained(out / "weights", extra={"steps": cfg.steps, "train_data": str(args.train_data)})
     log.info("weights written to %s", out / "weights")
     return out / "weights"
+
+
+def check_shards_match(manifest: dict, lm, path) -> None:
+    """Token ids only mean something with the tokenizer that made them: refuse shards of another model."""
+    made_for, vocab = manifest.get("tokenizer"), manifest.get("vocab_size")
+    if vocab != len(lm.tokenizer) or (made_for and made_for != lm.name):
+        raise SystemExit(
+            f"{path} was tokenized for {made_for} (vocabulary {vocab}), not for {lm.name} "
+            f"(vocabulary {len(lm.tokenizer)}): make shards with `python -m model.train.data --model ...` "
+            "or pass --base-model for the model they were made for"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

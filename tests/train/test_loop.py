@@ -90,3 +90,16 @@ def test_training_stops_at_its_time_budget_and_saves(tmp_path):
     assert history[-1]["elapsed_s"] < 6.0
     saved = json.loads((tmp_path / "checkpoint" / "trainer.json").read_text())
     assert saved["step"] == steps[-1]
+
+
+def test_training_refuses_shards_tokenized_for_another_model(tiny_model):
+    """The default model changed (Qwen2.5, 151K vocabulary): shards made with SmolLM2's tokenizer
+    must not be trained on it silently."""
+    import pytest
+
+    from model.train.cli import check_shards_match
+
+    vocab = len(tiny_model.tokenizer)  # SmolLM2's tokenizer (model.testing)
+    check_shards_match({"tokenizer": tiny_model.name, "vocab_size": vocab}, tiny_model, "shards")
+    with pytest.raises(SystemExit, match="tokenized for Qwen2.5-Coder-0.5B-Instruct"):
+        check_shards_match({"tokenizer": "Qwen2.5-Coder-0.5B-Instruct", "vocab_size": 151665}, tiny_model, "shards")

