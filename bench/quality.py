@@ -89,7 +89,9 @@ def real_qa(run: Run, engines: tuple[str, ...], pdf_ids: list[str] | None, limit
                                     "far": offset is not None and offset >= FAR_TOKENS,
                                     "correct": contains_match(ans.answer, item.answers),
                                     "f1": f1_score(ans.answer, item.answers), "answer": ans.answer,
-                                    "gold": item.answers, "ttft_s": ans.timings["ttft_s"]})
+                                    "gold": item.answers, "ttft_s": ans.timings["ttft_s"],
+                                    "cites_evidence_page": any(c["page"] == item.page for c in ans.citations),
+                                    "cited_pages": [c["page"] for c in ans.citations]})
                         log.info("QA %s %s: %s", item.id, engine, bool(out[-1]["correct"]))
         finally:
             ctx.close()
@@ -161,10 +163,13 @@ def run_quality(run: Run, engines: tuple[str, ...], needle_lengths: list[int], d
         rows = []
         for e in engines:
             near, far = by[(e, False)], by[(e, True)]
+            cited = [r for r in near + far if "cites_evidence_page" in r]
             rows.append([e, _acc(near), len(near), _acc(far), len(far), _acc(near + far),
-                         sum(r["f1"] for r in near + far) / max(1, len(near + far))])
+                         sum(r["f1"] for r in near + far) / max(1, len(near + far)),
+                         sum(r["cites_evidence_page"] for r in cited) / len(cited) if cited else None])
         section.tables.append(Table(
-            ["engine", "acc, evidence < 8K", "n", "acc, evidence >= 8K", "n", "acc, all", "mean F1"], rows,
+            ["engine", "acc, evidence < 8K", "n", "acc, evidence >= 8K", "n", "acc, all", "mean F1",
+             "cites the evidence page"], rows,
             title=f"extractive QA on real PDFs ({', '.join(sorted({r['pdf'] for r in qa}))}); contains-match"))
         if "sharedllm" in engines and "rag" in engines:
             s_far, r_far = _acc(by[("sharedllm", True)]), _acc(by[("rag", True)])

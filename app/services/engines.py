@@ -39,6 +39,7 @@ class Prepared:
     # the text the first user message starts with whose K/V may be persisted and reused (`full`'s
     # documents): the prompt is tokenized in two pieces cut after it (LoadedModel.prompt_ids)
     cache_prefix: str | None = None
+    question: str = ""  # what was asked (citation search of engines without attention attribution)
 
 
 class Engine(Protocol):
@@ -168,20 +169,54 @@ class FullContextEngine:
         context = "\n\n".join(parts)
         messages = with_documents_first(context, question, history)
         return Prepared(messages, None, time.perf_counter() - t0, notes={"truncated": truncated},
-                        cache_prefix=context)
+                        cache_prefix=context, question=question)
 
     def citations(self, lm, docs, prepared, result, k):
-        """No attention attribution without memory: cite the pages sharing most words with the answer."""
-        answer = set(w.lower() for w in _WORD.findall(result.text))
-        scored = []
-        for doc in docs:
-            for page in doc.pages:
-                words = set(w.lower() for w in _WORD.findall(page.text))
-                overlap = len(answer & words) / (1 + len(answer))
-                if overlap > 0:
-                    scored.append((overlap, doc, page))
-        scored.sort(key=lambda s: s[0], reverse=True)
-        return [citation(doc, page.number, page.text) for _, doc, page in scored[:k]]
+        """No attention attribution without a memory: the passages that best match the answer (and the
+        question, which short answers like a number need to be located), by BM25 over page windows."""
+        if not result.text.strip():
+            return []
+        return [citation(doc, page, text) for doc, page, text in
+                best_passages(docs, f"{result.text} {prepared.question}", k)]
+
+
+def page_passages(doc: DocumentContext, chars: int = PASSAGE_CHARS) -> list[tuple[int, str]]:
+    """(page number, passage) windows of about `chars` characters, cut at sentence ends within a page."""
+    out = []
+    for page in doc.pages:
+        text = " ".join(page.text.split())
+        start = 0
+        while start < len(text):
+            end = min(len(text), start + chars)
+            if end < len(text):
+                stop = max(text.rfind(". ", start + chars // 2, end), text.rfind(" ", start + chars // 2, end))
+                end = stop + 1 if stop > start else end
+            out.append((page.number, text[start:end].strip()))
+            start = end
+    return [(n, t) for n, t in out if t]
+
+
+def best_passages(docs: list[DocumentContext], query: str, k: int) -> list[tuple[DocumentContext, int, str]]:
+    """The top passages for `query` by BM25, at most one per page, best first."""
+    import bm25s
+
+    corpus = [(doc, n, text) for doc in docs for n, text in page_passages(doc)]
+    if not corpus or not _WORD.search(query):
+        return []
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize([t for _, _, t in corpus], show_progress=False), show_progress=False)
+    hits, scores = retriever.retrieve(bm25s.tokenize([query], show_progress=False), k=min(len(corpus), 8 * k),
+                                      show_progress=False)
+    out, seen = [], set()
+    for j, score in zip(hits[0], scores[0], strict=True):
+        doc, page, text = corpus[int(j)]
+        if score <= 0 or (doc.id, page) in seen:
+            continue
+        seen.add((doc.id, page))
+        out.append((doc, page, text))
+        if len(out) == k:
+            break
+    return out
 
 
 class RagEngine:

@@ -1,0 +1,47 @@
+"""`full` cites the passage that matches its answer (BM25 over page windows), not a whole page."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from app.services.documents import DocumentContext, PageSpan
+from app.services.engines import FullContextEngine, Prepared, page_passages
+
+FILLER = "The parties shall cooperate in good faith on all matters described in this agreement. " * 12
+PAGES = [
+    FILLER + "Either party may terminate the agreement with ninety days written notice to the other party.",
+    FILLER + "The annual fee is 12,500 euros, payable in advance each January by bank transfer.",
+    FILLER + "The agreement is governed by the laws of Belgium; disputes go to the courts of Ghent.",
+]
+
+
+def _doc() -> DocumentContext:
+    return DocumentContext(7, "contract.pdf", [PageSpan(n, 0, 0, t) for n, t in enumerate(PAGES, 1)], [])
+
+
+def _cite(answer: str, question: str, k: int = 2):
+    prepared = Prepared(messages=[], memory=None, retrieval_s=0.0, question=question)
+    return FullContextEngine().citations(None, [_doc()], prepared, SimpleNamespace(text=answer), k)
+
+
+def test_the_passage_holding_the_answer_is_cited_first():
+    cites = _cite("12,500 euros, paid in January.", "What is the annual fee?")
+    assert cites[0]["page"] == 2 and "12,500 euros" in cites[0]["text"]
+    assert len(cites[0]["text"]) <= 600 and cites[0]["document"] == 7
+    short = _cite("Ghent", "Which courts hear disputes?", k=1)  # a one-word answer: the question helps
+    assert [c["page"] for c in short] == [3] and "courts of Ghent" in short[0]["text"]
+
+
+def test_no_answer_no_citation_and_at_most_one_passage_per_page():
+    assert _cite("", "What is the fee?") == []
+    cites = _cite("agreement party notice fee courts", "?", k=3)
+    assert len({c["page"] for c in cites}) == len(cites) <= 3
+
+
+def test_passages_cover_each_page_in_order_without_crossing_pages():
+    passages = page_passages(_doc(), chars=300)
+    assert {n for n, _ in passages} == {1, 2, 3}
+    for n in (1, 2, 3):
+        joined = " ".join(t for m, t in passages if m == n)
+        assert " ".join(joined.split()) == " ".join(PAGES[n - 1].split())
+    assert all(len(t) <= 300 for _, t in passages)
