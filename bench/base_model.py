@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import app_context, text_of_tokens, write_pdf
+from bench.common import text_of_tokens, write_pdf
 from bench.report import Table, ratio
 from bench.run import Run
 
@@ -95,8 +95,13 @@ def prompt_cache(run: Run, lengths: list[int]) -> list[dict]:
     lm = run.lm
     out = []
     settings = AnswerSettings(max_new_tokens=run.max_new_tokens)
+    from app.config import Settings
+    from app.services.context import AppContext
+
     with run.scratch() as tmp:
-        ctx = app_context(Path(tmp), lm)
+        # a server whose engine is not `full` does not prefill full's prompt at ingestion, so the first
+        # question below is the one that computes and stores it
+        ctx = AppContext(Settings(data_dir=Path(tmp), engine="rag"), model=lm)
         try:
             owner = ctx.auth.local_user().id
             for n in lengths:

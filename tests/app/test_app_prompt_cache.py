@@ -77,11 +77,20 @@ def test_the_cache_goes_with_its_document_and_short_prompts_are_not_cached(ctx, 
     assert prompt_rows(ctx) == []
 
 
-def test_ingestion_prepares_the_cache_so_the_first_question_prefills_only_itself(ctx, two_users, tmp_path):
+def test_ingestion_prepares_the_cache_so_the_first_question_prefills_only_itself(tiny_model, tmp_path):
+    """With `full` as the server's engine, its prefix is made at ingestion; with another, it is not."""
     from app_testkit import write_pdf
 
-    alice, _ = two_users
-    assert ctx.settings.engine == "full"  # the default engine: its prefix is made at ingestion
+    from app.config import Settings
+    from app.services.context import AppContext
+
+    other = AppContext(Settings.load({"data_dir": tmp_path / "rag", "engine": "rag"}, environ={}), model=tiny_model)
+    owner = other.auth.local_user().id
+    assert other.ingestion.ingest_path(owner, write_pdf(tmp_path / "a.pdf", LONG_PAGES))["status"] == "ready"
+    assert prompt_rows(other) == []
+    other.close()
+    ctx = AppContext(Settings.load({"data_dir": tmp_path / "full", "engine": "full"}, environ={}), model=tiny_model)
+    alice = ctx.auth.add_user("alice", "alice-password-1")
     stages = []
     info = ctx.ingestion.ingest_path(alice.id, write_pdf(tmp_path / "lots.pdf", LONG_PAGES),
                                      progress=lambda stage, done, total: stages.append(stage))
@@ -94,3 +103,4 @@ def test_ingestion_prepares_the_cache_so_the_first_question_prefills_only_itself
     uncached = ask(QAService(ctx.sessions, ctx.documents, ctx.model, prompt_cache=None), alice.id,
                    "How many units are in lot 1?", [doc])
     assert uncached.answer == first.answer
+    ctx.close()
