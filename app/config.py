@@ -19,11 +19,13 @@ ENGINES = ("sharedllm", "full", "rag")
 # the best engine for the default model on the project's own quality benchmark (real-PDF QA, the
 # `quality-qwen2.5-0.5b` section of docs/benchmarks.md), until trained SharedLLM weights for that model
 # pass their quality gate (the training issue). The Settings tab shows the reason to users.
-DEFAULT_ENGINE = "full"
+DEFAULT_ENGINE = "rag"
 DEFAULT_ENGINE_REASON = (
-    "best on the project's real-PDF QA benchmark with the default model "
-    "(Qwen2.5-Coder-0.5B-Instruct; docs/benchmarks.md, section quality-qwen2.5-0.5b); sharedllm has "
-    "no trained cross-attention for this model yet, so its answers are not grounded in the documents"
+    "best on the project's real-PDF QA benchmark with the default model (Qwen2.5-Coder-0.5B-Instruct, "
+    "2026-12-01: rag 23/30, full 17/30, sharedllm 1/30 questions answered; docs/benchmarks.md). "
+    "full reads the whole document instead (up to 32K tokens; its prompt is cached after the first "
+    "question); sharedllm has no trained cross-attention for this model yet, so its answers are not "
+    "grounded in the documents"
 )
 ENV_PREFIX = "SHAREDLLM_"
 
