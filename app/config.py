@@ -22,7 +22,7 @@ ENGINES = ("sharedllm", "full", "rag")
 DEFAULT_ENGINE = "rag"
 DEFAULT_ENGINE_REASON = (
     "best on the project's real-PDF QA benchmark with the default model (Qwen2.5-Coder-0.5B-Instruct, "
-    "2026-12-01: rag 23/30, full 17/30, sharedllm 1/30 questions answered; docs/benchmarks.md). "
+    "2026-12-01: rag 26/35, full 18/35, sharedllm 1/35 questions answered; docs/benchmarks.md). "
     "full reads the whole document instead (up to 32K tokens; its prompt is cached after the first "
     "question); sharedllm has no trained cross-attention for this model yet, so its answers are not "
     "grounded in the documents"
