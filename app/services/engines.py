@@ -249,9 +249,18 @@ class RagEngine:
             *history,
             {"role": "user", "content": f"{context}\n\nQuestion: {question}"},
         ]
-        return Prepared(messages, None, time.perf_counter() - t0, used=used)
+        return Prepared(messages, None, time.perf_counter() - t0, used=used, question=question)
 
     def citations(self, lm, docs, prepared, result, k):
+        """The passages of the retrieved chunks' pages that best match the answer and the question (a
+        512-token chunk spans pages: its first page is often not where the answer is); the chunks
+        themselves, in retrieval order, when nothing matches."""
+        pages = {(docs[i].id, n) for i, c in prepared.used for n in range(c["page_start"], c["page_end"] + 1)}
+        if result.text.strip() and pages:
+            found = [(d, n, t) for d, n, t in best_passages(docs, f"{result.text} {prepared.question}", 4 * k)
+                     if (d.id, n) in pages][:k]
+            if found:
+                return [citation(doc, page, text) for doc, page, text in found]
         return [citation(docs[i], c["page_start"], c["text"]) for i, c in prepared.used[:k]]
 
 

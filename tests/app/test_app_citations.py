@@ -45,3 +45,18 @@ def test_passages_cover_each_page_in_order_without_crossing_pages():
         joined = " ".join(t for m, t in passages if m == n)
         assert " ".join(joined.split()) == " ".join(PAGES[n - 1].split())
     assert all(len(t) <= 300 for _, t in passages)
+
+
+def test_rag_cites_the_matching_page_inside_a_chunk_that_spans_pages():
+    from app.services.engines import RagEngine
+
+    doc = _doc()
+    chunk = {"index": 0, "page_start": 1, "page_end": 3, "text": " ".join(PAGES)}
+    prepared = Prepared(messages=[], memory=None, retrieval_s=0.0, used=[(0, chunk)],
+                        question="What is the annual fee?")
+    cites = RagEngine().citations(None, [doc], prepared, SimpleNamespace(text="12,500 euros"), 2)
+    assert cites[0]["page"] == 2 and "12,500 euros" in cites[0]["text"]
+    outside = {"index": 0, "page_start": 3, "page_end": 3, "text": PAGES[2]}  # only pages of used chunks
+    prepared.used = [(0, outside)]
+    assert [c["page"] for c in RagEngine().citations(None, [doc], prepared, SimpleNamespace(text="12,500 euros"),
+                                                     2)] == [3]
