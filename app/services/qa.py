@@ -123,12 +123,9 @@ class QAService:
             logger.warning(UNTRAINED_WARNING)
         elif impl.needs_tree and getattr(lm, "weights_warning", None):
             prepared.notes["warning"] = lm.weights_warning
-        prompt_ids, prefix_len = lm.prompt_ids(prepared.messages, prepared.cache_prefix)
-        key = prefix = None
+        prompt_ids, key = self._prompt_and_prefix_key(lm, prepared, docs[0].id)
+        prefix = self._prompt_cache.load(key) if key is not None else None
         captured: list[Any] = []
-        if prefix_len and self._prompt_cache is not None and prepared.memory is None:
-            key = self._prompt_cache.key(lm, docs[0].id, prompt_ids[:prefix_len])
-            prefix = self._prompt_cache.load(key) if key is not None else None
         stream = lm.generate(
             prepared.messages, memory=prepared.memory, settings=settings.generation(), prompt_ids=prompt_ids,
             prefix=prefix, on_prefix=captured.append if key is not None and prefix is None else None,
@@ -181,9 +178,7 @@ class QAService:
             return 0
         lm = self._model()
         docs = self._documents.load_for_qa(owner_id, [document_id], None)
-        prepared = impl.prepare(lm, "?", docs, [])
-        prompt_ids, prefix_len = lm.prompt_ids(prepared.messages, prepared.cache_prefix)
-        key = self._prompt_cache.key(lm, document_id, prompt_ids[:prefix_len]) if prefix_len else None
+        _, key = self._prompt_and_prefix_key(lm, impl.prepare(lm, "?", docs, []), document_id)
         if key is None or self._prompt_cache.has(key):
             return 0
         t0 = time.perf_counter()
@@ -191,6 +186,13 @@ class QAService:
         logger.info("document %s: %s prompt prefix of %d tokens cached in %.1f s", document_id, engine,
                     len(key.token_ids), time.perf_counter() - t0)
         return len(key.token_ids)
+
+    def _prompt_and_prefix_key(self, lm: Any, prepared: Any, document_id: int) -> tuple[list[int], Any]:
+        """The prompt's token ids and the cache key of its persistable prefix (None: nothing to cache)."""
+        prompt_ids, prefix_len = lm.prompt_ids(prepared.messages, prepared.cache_prefix)
+        if not prefix_len or self._prompt_cache is None or prepared.memory is not None:
+            return prompt_ids, None
+        return prompt_ids, self._prompt_cache.key(lm, document_id, prompt_ids[:prefix_len])
 
     def answer_all(self, *args: Any, **kwargs: Any) -> Answer:
         """Non-streaming convenience: the final record."""
