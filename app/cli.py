@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from app.config import ENGINES
+
 logger = logging.getLogger("app.cli")
 
 EXIT_ERROR = 1
@@ -96,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID|FILE.pdf",
         help="document id, or a PDF (ingested first when new); repeatable",
     )
-    p.add_argument("--engine", choices=("sharedllm", "full", "rag"), default=None)
+    p.add_argument("--engine", choices=ENGINES, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--conversation", type=int, default=None, help="continue this conversation")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("sharedllm", "full", "rag")
+ENGINES = ("sharedllm", "actqkv", "full", "rag")
 # The engine questions use unless the user picks another (SHAREDLLM_ENGINE, the Settings tab, --engine):
 # the best engine for the default model on the project's own quality benchmark (real-PDF QA, the
 # `quality-qwen2.5-0.5b` section of docs/benchmarks.md), until trained SharedLLM weights for that model

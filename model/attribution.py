@@ -24,7 +24,10 @@ class Attribution:
 
 
 def attribute(memory: Memory, top: int = 16) -> list[Attribution]:
-    """Cross-attention mass per memory position, merged per (document, chunk, token range)."""
+    """Cross-attention mass per memory position, merged per (document, chunk, token range). A memory
+    that keeps its own account (ActQKV's `BlockMemory`) reports it itself."""
+    if hasattr(memory, "attribution"):
+        return memory.attribution(top)
     mass = memory.mass
     total = float(mass.sum())
     if total <= 0:

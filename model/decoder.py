@@ -19,6 +19,8 @@ from model.config import ModelConfig
 from model.rope import apply_rope, inverse_frequencies, rope_angles
 
 Injection = Callable[[torch.Tensor], torch.Tensor]  # (B, T, D) -> (B, T, D) residual update
+# pre-RoPE q (B, nh, T, hd), k/v (B, nkv, T, hd) -> attention output (B, T, nh * hd), before o_proj
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -148,9 +150,15 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, attn_fn: AttentionFn, cache: KVCache | None = None,
-                input_pos: torch.Tensor | None = None, inject: Injection | None = None) -> torch.Tensor:
+                input_pos: torch.Tensor | None = None, inject: Injection | None = None,
+                attend: Attend | None = None) -> torch.Tensor:
+        """`attend`, when given, replaces the self-attention read-out over the cache (an engine's own
+        attention over its memory, e.g. ActQKV's block retrieval); q/k/v come from this layer."""
         q, k, v = self.self_attn.project(self.input_layernorm(x))
-        x = x + self.self_attn.attend(q, k, v, cos, sin, attn_fn, cache, input_pos)
+        if attend is None:
+            x = x + self.self_attn.attend(q, k, v, cos, sin, attn_fn, cache, input_pos)
+        else:
+            x = x + self.self_attn.o_proj(attend(q, k, v))
         if inject is not None:
             x = x + inject(x)
         return x + self.mlp(self.post_attention_layernorm(x))

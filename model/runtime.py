@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from model.actqkv import ActQKVRunner, BlockMemory, BlockState, encode_stream
+from model.block_retrieval import ActQKVConfig
 from model.config import SharedLLMConfig
 from model.generate import GenerationSettings, PrefixState, TextStream
 from model.catalog import BUNDLED, bundled
@@ -59,6 +61,7 @@ class LoadedModel:
     # said with every answer of the `sharedllm` engine when set: e.g. weights trained only at a small
     # scale (saved as "warning" in the weights' metadata by whoever trained them)
     weights_warning: str | None = None
+    actqkv: ActQKVConfig = field(default_factory=ActQKVConfig)  # the training-free engine's knobs
 
     @property
     def config(self) -> SharedLLMConfig:
@@ -116,6 +119,18 @@ class LoadedModel:
     def encode_tree(self, token_ids, progress: Progress | None = None) -> ContextTree:
         return self.model.encode_tree(token_ids, progress)
 
+    def encode_blocks(self, stream_ids: list[int], doc_offset: int, progress: Progress | None = None) -> BlockState:
+        """ActQKV's persisted state of one document stream (model/actqkv.py)."""
+        return encode_stream(self.model.base, stream_ids, self.actqkv, doc_offset, progress)
+
+    def block_memory(self, states: list[BlockState]) -> BlockMemory:
+        return BlockMemory(self.model.base, states)
+
+    def actqkv_fingerprint(self, prompt_layout: str) -> str:
+        """Identity of a stored ActQKV state: checkpoint, compute dtype, knobs, prompt layout."""
+        dtype = str(self.model.base.embed_tokens.weight.dtype)
+        return self.actqkv.fingerprint(f"{self.checkpoint_hash}:{dtype}", prompt_layout)
+
     def build_memory(self, trees: list[ContextTree], question: str | None,
                      top_k_chunks: int | None = None) -> Memory:
         query = None
@@ -131,7 +146,9 @@ class LoadedModel:
         and `on_prefix` reuse or capture persisted prompt-prefix states (see `generate_tokens`)."""
         settings = settings or GenerationSettings()
         ids = prompt_ids if prompt_ids is not None else self.chat_ids(messages)
-        return TextStream(self.model, self.tokenizer, ids, memory, settings, self.eos_ids, retrieval_s,
+        # an ActQKV memory is read by the base model's own attention, not by cross-attention
+        runner = ActQKVRunner(self.model.base) if isinstance(memory, BlockMemory) else self.model
+        return TextStream(runner, self.tokenizer, ids, memory, settings, self.eos_ids, retrieval_s,
                           prefix=prefix, on_prefix=on_prefix)
 
 

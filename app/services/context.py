@@ -13,6 +13,7 @@ from typing import Any
 
 from app.auth import AuthService
 from app.config import Settings
+from app.services.block_states import BlockStateService
 from app.services.conversations import ConversationService
 from app.services.documents import DocumentService
 from app.services.prompt_cache import PromptCacheService
@@ -42,7 +43,8 @@ class AppContext:
         self.documents.ensure_tree = lambda owner_id, doc_id: self.ingestion.ensure_tree(owner_id, doc_id)
         self.conversations = ConversationService(self.sessions)
         self.prompt_cache = PromptCacheService(self.sessions, self.tensors)
-        self.qa = QAService(self.sessions, self.documents, self.model, self.prompt_cache)
+        self.block_states = BlockStateService(self.sessions, self.tensors)
+        self.qa = QAService(self.sessions, self.documents, self.model, self.prompt_cache, self.block_states)
         self._model = model
         self._model_loader = model_loader or _load_default
         self._model_lock = threading.Lock()

@@ -8,6 +8,7 @@ engines, so they are compared on the same work.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -40,6 +41,10 @@ class Prepared:
     # documents): the prompt is tokenized in two pieces cut after it (LoadedModel.prompt_ids)
     cache_prefix: str | None = None
     question: str = ""  # what was asked (citation search of engines without attention attribution)
+    # engines that assemble the prompt's token ids themselves (`actqkv`: the documents' final window
+    # then the question) give them here, with the persisted K/V of their first `prefix.length` tokens
+    prompt_ids: list[int] | None = None
+    prefix: Any | None = None
 
 
 class Engine(Protocol):
@@ -104,24 +109,31 @@ class SharedLLMEngine:
         return Prepared(messages, memory, retrieval_s)
 
     def citations(self, lm, docs, prepared, result, k):
-        mass: dict[tuple[int, int], float] = defaultdict(float)
-        best_span: dict[tuple[int, int], tuple[float, int, int]] = {}
-        for att in result.attribution or []:
-            doc = docs[att.doc_index]
-            page = doc.page_of(att.token_start, att.token_end)
-            if page is None:
-                continue
-            key = (att.doc_index, page.number)
-            mass[key] += att.mass
-            if key not in best_span or att.mass > best_span[key][0]:
-                best_span[key] = (att.mass, att.token_start, att.token_end)
-        ranked = sorted(mass, key=mass.get, reverse=True)[:k]
-        out = []
-        for doc_index, page in ranked:
-            _, start, end = best_span[(doc_index, page)]
-            doc = docs[doc_index]
-            out.append(citation(doc, page, _passage(lm, doc, start, end)))
-        return out
+        return attention_citations(lm, docs, result, k)
+
+
+def attention_citations(lm: Any, docs: list[DocumentContext], result: Any, k: int) -> list[dict[str, Any]]:
+    """Pages ranked by the attention mass the answer put on their memory positions, each with the
+    passage around its most attended span (`sharedllm`: cross-attention; `actqkv`: retrieved blocks
+    and the local window)."""
+    mass: dict[tuple[int, int], float] = defaultdict(float)
+    best_span: dict[tuple[int, int], tuple[float, int, int]] = {}
+    for att in result.attribution or []:
+        doc = docs[att.doc_index]
+        page = doc.page_of(att.token_start, att.token_end)
+        if page is None:
+            continue
+        key = (att.doc_index, page.number)
+        mass[key] += att.mass
+        if key not in best_span or att.mass > best_span[key][0]:
+            best_span[key] = (att.mass, att.token_start, att.token_end)
+    ranked = sorted(mass, key=mass.get, reverse=True)[:k]
+    out = []
+    for doc_index, page in ranked:
+        _, start, end = best_span[(doc_index, page)]
+        doc = docs[doc_index]
+        out.append(citation(doc, page, _passage(lm, doc, start, end)))
+    return out
 
 
 def _window(lm: Any) -> int:
@@ -264,7 +276,61 @@ class RagEngine:
         return [citation(docs[i], c["page_start"], c["text"]) for i, c in prepared.used[:k]]
 
 
-ENGINES: dict[str, Engine] = {e.name: e for e in (SharedLLMEngine(), FullContextEngine(), RagEngine())}
+# bump when the text around the documents in `actqkv`'s stream changes (it is part of the stored state)
+ACTQKV_LAYOUT_VERSION = 1
+_DOCUMENTS_MARK = "\x00documents\x00"
+
+
+def around_documents(lm: Any, question: str, history: list[dict[str, str]]) -> tuple[str, str]:
+    """The chat-templated prompt of `with_documents_first`, cut where the documents go: the header
+    before them (system prompt, first user turn's start) and the rest (question, earlier turns)."""
+    messages = with_documents_first(_DOCUMENTS_MARK, question, history)
+    text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    head, tail = text.split(_DOCUMENTS_MARK)
+    return head, tail
+
+
+def actqkv_layout(lm: Any) -> str:
+    """What the stored stream's text around the document depends on (part of its fingerprint)."""
+    head, _ = around_documents(lm, "?", [])
+    return f"v{ACTQKV_LAYOUT_VERSION}:{hashlib.sha256(head.encode()).hexdigest()[:16]}"
+
+
+def document_stream(lm: Any, doc: DocumentContext) -> tuple[list[int], int]:
+    """The token stream `actqkv` encodes for one document, and where the document's tokens start:
+    the prompt's header, a "Document: name" line, then the document tokenized page by page exactly as
+    ingestion did (so stream positions map to pages)."""
+    from app.ingestion import tokenize_pages
+
+    head, _ = around_documents(lm, "?", [])
+    head_ids = lm.tokenize(head + f"Document: {doc.name}\n")
+    ids = doc.token_ids if doc.token_ids is not None else tokenize_pages(lm.tokenizer, [p.text for p in doc.pages]).token_ids
+    return head_ids + list(ids), len(head_ids)
+
+
+class ActQKVEngine:
+    """Training-free: the whole documents, read from persisted block K/V by activation-aware block
+    retrieval in every layer (model/actqkv.py); citations from the attention mass on their blocks."""
+
+    name = "actqkv"
+    needs_tree = False
+    needs_block_state = True  # the QA service loads or builds each document's state first
+
+    def prepare(self, lm, question, docs, history):
+        t0 = time.perf_counter()
+        states = [doc.extra.get("actqkv") or lm.encode_blocks(*document_stream(lm, doc)) for doc in docs]
+        memory = lm.block_memory(states)
+        _, tail = around_documents(lm, question, history)
+        prompt_ids = memory.local_ids() + lm.tokenize(tail)
+        messages = with_documents_first(f"[{len(docs)} document(s) in block memory]", question, history)
+        return Prepared(messages, memory, time.perf_counter() - t0, question=question, prompt_ids=prompt_ids,
+                        prefix=memory.local_prefix())
+
+    def citations(self, lm, docs, prepared, result, k):
+        return attention_citations(lm, docs, result, k)
+
+
+ENGINES: dict[str, Engine] = {e.name: e for e in (SharedLLMEngine(), ActQKVEngine(), FullContextEngine(), RagEngine())}
 
 
 def get_engine(name: str) -> Engine:

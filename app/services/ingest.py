@@ -62,6 +62,8 @@ class Ingestion:
         info = document_dict(doc)
         if info["status"] == "ready" and self._ctx.settings.engine == "full":
             self._warm_full_prompt(owner_id, info["id"], progress)
+        elif info["status"] == "ready" and self._ctx.settings.engine == "actqkv":
+            self._warm_block_state(owner_id, info["id"], progress)
         info["seconds"] = round(time.perf_counter() - started, 3)
         return info
 
@@ -76,6 +78,14 @@ class Ingestion:
             logger.exception("could not prepare the full-text prompt cache of document %s", document_id)
         if progress:
             progress("prompt", 1, 1)
+
+    def _warm_block_state(self, owner_id: int, document_id: int, progress: Any | None) -> None:
+        """The server's engine is `actqkv`: the document's block state is encoded here (progress per
+        execution block), not on the first question. A failure only moves that work to the question."""
+        try:
+            self._ctx.qa.warm_block_state(owner_id, document_id, progress)
+        except Exception:
+            logger.exception("could not prepare the actqkv state of document %s", document_id)
 
     def ensure_tree(self, owner_id: int, document_id: int) -> None:
         """Re-encode a ready document whose tree is missing, damaged or from another model."""

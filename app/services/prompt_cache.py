@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import ContextTreeRecord, TensorStore, TensorStoreError
+from app.services.derived_state import DerivedStateStore
+from storage import TensorStore
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +52,7 @@ class PrefixKey:
 class PromptCacheService:
     def __init__(self, sessions: sessionmaker[Session], tensors: TensorStore,
                  min_tokens: int = MIN_CACHED_TOKENS) -> None:
-        self._sessions = sessions
-        self._tensors = tensors
+        self._store = DerivedStateStore(sessions, tensors)
         self.min_tokens = min_tokens
 
     def key(self, lm: Any, document_id: int, prefix_ids: list[int]) -> PrefixKey | None:
@@ -68,67 +66,32 @@ class PromptCacheService:
         return PrefixKey(document_id, FINGERPRINT_PREFIX + digest.hexdigest()[:32], tuple(prefix_ids))
 
     def has(self, key: PrefixKey) -> bool:
-        with self._sessions() as session:
-            return self._record(session, key) is not None
+        return self._store.has(key.document_id, key.fingerprint)
 
     def load(self, key: PrefixKey) -> Any | None:
         """The persisted `PrefixState`, memory-mapped and verified, or None (missing or damaged)."""
         from model.generate import PrefixState
 
-        with self._sessions() as session:
-            record = self._record(session, key)
-            if record is None:
-                return None
-            path, sha256 = record.path, record.sha256
-        try:
-            tensors = self._tensors.load(path, sha256)
-        except TensorStoreError as exc:
-            logger.warning("prompt cache %s unusable (%s): recomputing it", path, exc)
-            self._drop(key)
+        tensors = self._store.load(key.document_id, key.fingerprint)
+        if tensors is None:
             return None
         stored_ids = tensors.get(TOKEN_IDS_KEY)
         if stored_ids is None or tuple(stored_ids.tolist()) != key.token_ids:
-            logger.warning("prompt cache %s holds other tokens: recomputing it", path)
-            self._drop(key)
+            logger.warning("prompt cache of document %s holds other tokens: recomputing it", key.document_id)
+            self._store.drop(key.document_id, key.fingerprint)
             return None
         n_layers = sum(1 for name in tensors if name.startswith("k."))
         return PrefixState([tensors[f"k.{i}"] for i in range(n_layers)], [tensors[f"v.{i}"] for i in range(n_layers)])
 
     def save(self, key: PrefixKey, cache: list[Any]) -> None:
         """Persists the first len(key.token_ids) positions of a generation's KV cache (per layer)."""
-        with self._sessions() as session:
-            if self._record(session, key) is not None:  # stored by a concurrent request: keep its file
-                return
+        if self.has(key):  # stored by a concurrent request: keep its file
+            return
         n = len(key.token_ids)
         tensors: dict[str, torch.Tensor] = {TOKEN_IDS_KEY: torch.tensor(key.token_ids, dtype=torch.int32)}
         for i, layer in enumerate(cache):
             k, v = layer.prefix(n)
             tensors[f"k.{i}"], tensors[f"v.{i}"] = k, v
-        stored = self._tensors.save(key.document_id, key.fingerprint, tensors, metadata={"kind": "prompt-cache"})
-        try:
-            with self._sessions.begin() as session:
-                if self._record(session, key) is not None:  # another request stored it meanwhile
-                    return
-                session.add(ContextTreeRecord(document_id=key.document_id, fingerprint=key.fingerprint,
-                                              path=stored.path, sha256=stored.sha256, bytes=stored.bytes,
-                                              status="ready"))
-        except IntegrityError:  # the document was deleted meanwhile, or a concurrent insert won
-            with self._sessions() as session:
-                if self._record(session, key) is None:
-                    self._tensors.delete(stored.path)
-            return
-        logger.info("prompt cache of %d tokens stored for document %d (%d bytes)", n, key.document_id,
-                    stored.bytes)
-
-    def _record(self, session: Session, key: PrefixKey) -> ContextTreeRecord | None:
-        return session.scalar(select(ContextTreeRecord).where(
-            ContextTreeRecord.document_id == key.document_id, ContextTreeRecord.fingerprint == key.fingerprint))
-
-    def _drop(self, key: PrefixKey) -> None:
-        with self._sessions.begin() as session:
-            record = self._record(session, key)
-            if record is None:
-                return
-            path = record.path
-            session.delete(record)
-        self._tensors.delete(path)
+        written = self._store.save(key.document_id, key.fingerprint, tensors, {"kind": "prompt-cache"})
+        if written:
+            logger.info("prompt cache of %d tokens stored for document %d (%d bytes)", n, key.document_id, written)

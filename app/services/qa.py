@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.services.block_states import BlockStateService
 from app.services.conversations import owned_conversation, title_from_question
 from app.services.documents import DocumentService
 from app.services.engines import get_engine
@@ -86,11 +87,13 @@ class QAService:
         documents: DocumentService,
         model_provider: Callable[[], Any],
         prompt_cache: PromptCacheService | None = None,
+        block_states: BlockStateService | None = None,
     ):
         self._sessions = session_factory
         self._documents = documents
         self._model = model_provider  # returns the LoadedModel, loading it on first use
         self._prompt_cache = prompt_cache
+        self._block_states = block_states
 
     def answer(
         self,
@@ -100,7 +103,10 @@ class QAService:
         conversation_id: int | None,
         engine: str,
         settings: AnswerSettings,
+        progress: Callable[[str, int, int], None] | None = None,
     ) -> Iterator[str | Answer]:
+        """`progress(stage, done, total)` reports work done before the first token (an engine's
+        per-document state built on first use)."""
         t_start = time.perf_counter()
         question = question.strip()
         if not question:
@@ -117,6 +123,8 @@ class QAService:
             owner_id, document_ids, lm.fingerprint if impl.needs_tree else None
         )
 
+        if getattr(impl, "needs_block_state", False) and self._block_states is not None:
+            self._block_states.ensure(lm, docs, progress)  # built and persisted on first use
         prepared = impl.prepare(lm, question, docs, history)
         if impl.needs_tree and not getattr(lm, "weights_trained", True):
             prepared.notes["warning"] = UNTRAINED_WARNING
@@ -124,7 +132,7 @@ class QAService:
         elif impl.needs_tree and getattr(lm, "weights_warning", None):
             prepared.notes["warning"] = lm.weights_warning
         prompt_ids, key = self._prompt_and_prefix_key(lm, prepared, docs[0].id)
-        prefix = self._prompt_cache.load(key) if key is not None else None
+        prefix = self._prompt_cache.load(key) if key is not None else prepared.prefix
         captured: list[Any] = []
         stream = lm.generate(
             prepared.messages, memory=prepared.memory, settings=settings.generation(), prompt_ids=prompt_ids,
@@ -187,8 +195,19 @@ class QAService:
                     len(key.token_ids), time.perf_counter() - t0)
         return len(key.token_ids)
 
+    def warm_block_state(self, owner_id: int, document_id: int, progress: Callable[[str, int, int], None] | None = None) -> int:
+        """Builds and persists `actqkv`'s state of one document ahead of any question (after ingestion,
+        when it is the server's engine); returns 1 if it was encoded, 0 if already stored."""
+        if self._block_states is None:
+            return 0
+        lm = self._model()
+        docs = self._documents.load_for_qa(owner_id, [document_id], None)
+        return self._block_states.ensure(lm, docs, progress)
+
     def _prompt_and_prefix_key(self, lm: Any, prepared: Any, document_id: int) -> tuple[list[int], Any]:
         """The prompt's token ids and the cache key of its persistable prefix (None: nothing to cache)."""
+        if prepared.prompt_ids is not None:  # assembled by the engine, its prefix already persisted
+            return prepared.prompt_ids, None
         prompt_ids, prefix_len = lm.prompt_ids(prepared.messages, prepared.cache_prefix)
         if not prefix_len or self._prompt_cache is None or prepared.memory is not None:
             return prompt_ids, None

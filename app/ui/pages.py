@@ -65,7 +65,7 @@ class SettingsPage(Pages):
             list(ENGINES),
             value=s.engine,
             label="Engine",
-            info="sharedllm: the method; full: document in the prompt; rag: BM25 chunks",
+            info="sharedllm: the method; actqkv: whole document from block memory (training-free); full: document in the prompt; rag: BM25 chunks",
         )
         gr.Markdown(render.default_engine_markdown(s.engine), elem_id="default-engine")
         self.max_new_tokens = gr.Slider(16, 1024, value=s.max_new_tokens, step=16, label="Max new tokens")

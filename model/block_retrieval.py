@@ -1,0 +1,218 @@
+"""ActQKV's knobs and its retrieval arithmetic: probe-query, block scores, per-layer budgets.
+
+Notation: L layers, nh query heads, nkv key/value heads (GQA group g = nh / nkv), hd head dim,
+C = nh * hd (a query's channels, heads concatenated), T queries of one step, N memory blocks.
+
+The method (ActQKV, built on InfLLM's block memory; read from MrXiaoaa/ActQKV and thunlp/InfLLM):
+- a step's queries are weighted by their *activation bias* against running per-layer statistics of
+  the document's queries, `mean_c (q_c - mu_c)^2 / (var_c + eps)`, and summed into one probe;
+- blocks are scored by cosine(representative, probe) per layer;
+- each layer's share of the block budget follows the normalised entropy of its block scores
+  (flat scores = the information is spread = more blocks), clamped to [min_blocks, max_blocks].
+The released code keeps the statistics as module globals shared by every layer and never reset;
+here they belong to one layer of one document (`RunningStats`, persisted with the document).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model.config import ConfigError
+
+ACTQKV_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ActQKVConfig:
+    """Every ActQKV knob; saved with a document's state and part of its fingerprint."""
+
+    block_size: int = 64  # tokens per memory block (ActQKV's Qwen2.5 config: 64; InfLLM: 128)
+    n_init: int = 64  # start tokens every query attends (attention sinks: chat header, system prompt)
+    n_local: int = 1024  # local window (ordinary RoPE); ActQKV uses 512 at a 32K window
+    exec_block: int = 512  # document tokens per streamed forward (ActQKV 256, InfLLM 512)
+    budget: int = 24  # retrieved blocks per layer on average; the layers' total is budget * L
+    min_blocks: int = 8  # per-layer clamps of the entropy-driven shares
+    max_blocks: int = 48
+    repr_topk: int = 4  # a block's representative: mean key of its most-attended tokens (per KV head)
+    retrieval_interval: int = 8  # decoded tokens between re-retrievals (the prompt always retrieves)
+    entropy_temperature: float = 0.1  # softmax temperature of cosine scores for the entropy
+    state_dtype: str = "bfloat16"  # persisted K/V
+
+    def __post_init__(self) -> None:
+        positive = ("block_size", "n_init", "n_local", "exec_block", "budget", "min_blocks", "max_blocks",
+                    "repr_topk", "retrieval_interval")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"actqkv {name} must be >= 1, got {getattr(self, name)}")
+        if self.n_init % self.block_size:
+            raise ConfigError(f"actqkv n_init={self.n_init} must be a multiple of block_size={self.block_size}")
+        if self.n_local < self.block_size:
+            raise ConfigError(f"actqkv n_local={self.n_local} is shorter than a block ({self.block_size})")
+        if not self.min_blocks <= self.budget <= self.max_blocks:
+            raise ConfigError(f"actqkv needs min_blocks <= budget <= max_blocks, got {self.min_blocks}, "
+                              f"{self.budget}, {self.max_blocks}")
+        if self.repr_topk > self.block_size:
+            raise ConfigError(f"actqkv repr_topk={self.repr_topk} exceeds block_size={self.block_size}")
+        if self.entropy_temperature <= 0:
+            raise ConfigError("actqkv entropy_temperature must be > 0")
+        if self.state_dtype not in ("bfloat16", "float16", "float32"):
+            raise ConfigError(f"actqkv state_dtype {self.state_dtype!r}: use bfloat16, float16 or float32")
+
+    def check_window(self, max_position: int) -> None:
+        """The local window, an execution block and an answer must fit the model's positions."""
+        if self.n_local + self.block_size + self.exec_block + 1024 > max_position:
+            raise ConfigError(f"actqkv n_local={self.n_local} + exec_block={self.exec_block} leaves too few of "
+                              f"the model's {max_position} positions for the question and the answer")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.state_dtype)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ActQKVConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"unknown actqkv settings: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def encoding_fields(self) -> dict:
+        """What the persisted state depends on: the document is itself streamed with retrieval, so
+        every knob but the decoding interval shapes the stored K/V."""
+        out = self.to_dict()
+        out.pop("retrieval_interval")
+        return out
+
+    def fingerprint(self, checkpoint_hash: str, prompt_layout: str) -> str:
+        ident = {"format": ACTQKV_FORMAT_VERSION, "checkpoint": checkpoint_hash, "layout": prompt_layout,
+                 **self.encoding_fields()}
+        return "actqkv-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class RunningStats:
+    """Per-channel mean and variance of one layer's queries over a document (Chan's parallel update)."""
+
+    def __init__(self, channels: int, count: float = 0.0, mean: torch.Tensor | None = None,
+                 m2: torch.Tensor | None = None) -> None:
+        self.count = float(count)
+        self.mean = torch.zeros(channels) if mean is None else mean.float().clone()
+        self.m2 = torch.zeros(channels) if m2 is None else m2.float().clone()
+
+    def update(self, x: torch.Tensor) -> None:
+        """x (T, C)."""
+        x = x.float().cpu()
+        n = x.shape[0]
+        batch_mean = x.mean(0)
+        batch_m2 = ((x - batch_mean) ** 2).sum(0)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += batch_m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self.m2 / max(self.count, 1.0)
+
+    @staticmethod
+    def pooled(parts: list[RunningStats]) -> RunningStats:
+        """The statistics of several documents' queries together."""
+        out = RunningStats(parts[0].mean.numel())
+        for p in parts:
+            if p.count == 0:
+                continue
+            total = out.count + p.count
+            delta = p.mean - out.mean
+            out.mean = out.mean + delta * (p.count / total)
+            out.m2 = out.m2 + p.m2 + delta**2 * (out.count * p.count / total)
+            out.count = total
+        return out
+
+
+def probe_query(q: torch.Tensor, stats: RunningStats) -> torch.Tensor:
+    """q (T, C) -> (C,): the queries weighted by their activation bias against `stats`.
+
+    bias_t = mean_c (q_tc - mu_c)^2 / (var_c + eps), eps = mean(var) / 100 (as the authors' code);
+    weights = bias / sum(bias). With no statistics yet, the plain mean."""
+    q = q.float()
+    if stats.count < 2 or q.shape[0] == 1:
+        return q.mean(0)
+    mean, var = stats.mean.to(q.device), stats.var.to(q.device)
+    bias = ((q - mean) ** 2 / (var + var.mean() / 100)).mean(-1)  # (T,)
+    weights = bias / bias.sum().clamp_min(1e-12)
+    return (weights[:, None] * q).sum(0)
+
+
+def block_scores(probe: torch.Tensor, reprs: torch.Tensor, groups: int) -> torch.Tensor:
+    """probe (C,), reprs (N, nkv, hd) -> cosine similarities (N,), the KV heads' representatives
+    repeated over their query heads (GQA) so they line up with the probe's channels."""
+    expanded = reprs.float().repeat_interleave(groups, dim=1).flatten(1)  # (N, C)
+    return F.normalize(expanded, dim=-1) @ F.normalize(probe.float().to(expanded.device), dim=0)
+
+
+def normalised_entropy(scores: torch.Tensor, temperature: float) -> float:
+    """Entropy of softmax(scores / T) over the blocks, divided by its maximum log(N): in [0, 1]."""
+    n = scores.numel()
+    if n < 2:
+        return 1.0
+    p = torch.softmax(scores.float() / temperature, dim=0)
+    h = -(p * torch.log(p.clamp_min(1e-12))).sum()
+    return float(h / math.log(n))
+
+
+def allocate_budget(weights: list[float], total: int, lo: list[int], hi: list[int]) -> list[int]:
+    """Integer shares of `total` proportional to `weights`, each within [lo_i, hi_i].
+
+    Shares sum to `total` whenever sum(lo) <= total <= sum(hi) (else to the nearer bound). Water
+    filling: layers whose proportional share breaks a clamp are fixed at it and the rest is shared
+    again; the fractions are rounded by largest remainder within the bounds."""
+    n = len(weights)
+    lo = [min(a, b) for a, b in zip(lo, hi, strict=True)]
+    if total >= sum(hi):
+        return list(hi)
+    if total <= sum(lo):
+        return list(lo)
+    w = [max(float(x), 1e-6) for x in weights]
+    share = [0.0] * n
+    free = set(range(n))
+    remaining = float(total)
+    while free:
+        norm = sum(w[i] for i in free)
+        trial = {i: remaining * w[i] / norm for i in free}
+        broken = {i for i, s in trial.items() if s < lo[i] or s > hi[i]}
+        if not broken:
+            for i, s in trial.items():
+                share[i] = s
+            break
+        for i in broken:
+            share[i] = float(lo[i] if trial[i] < lo[i] else hi[i])
+            remaining -= share[i]
+            free.discard(i)
+    out = [int(math.floor(s)) for s in share]
+    order = sorted(range(n), key=lambda i: share[i] - out[i], reverse=True)
+    missing = total - sum(out)
+    for i in order * 2:
+        if missing <= 0:
+            break
+        if out[i] < hi[i]:
+            out[i] += 1
+            missing -= 1
+    return out
+
+
+def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k best blocks, in document order (the gathered K/V keep the text's order)."""
+    k = min(k, scores.numel())
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    return scores.topk(k).indices.sort().values.cpu()

@@ -1,0 +1,123 @@
+"""`actqkv` through the QA service: its document state built on first use and persisted, reused by
+later questions, re-encoded when damaged or made from other text, removed with its document, built
+at ingestion when it is the server's engine, and answers cited to the document's pages."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from sqlalchemy import select
+
+from app.config import Settings
+from app.services.context import AppContext
+from app.services.qa import Answer, AnswerSettings
+from model.block_retrieval import ActQKVConfig
+from storage import ContextTreeRecord
+
+SETTINGS = AnswerSettings(max_new_tokens=8)
+PAGES = [
+    f"Page {n}. Clause {n}: the supplier delivers lot {n} of {40 + n} units to the buyer's warehouse "
+    f"in Ghent within {n + 3} business days; late delivery costs {n * 15} euros a day. " * 5
+    for n in range(1, 5)
+]
+# small blocks and window so these short pages are read through the block memory, not all locally
+SMALL = ActQKVConfig(block_size=16, n_init=16, n_local=64, exec_block=32, budget=4, min_blocks=1, max_blocks=8)
+
+
+@pytest.fixture
+def small_ctx(settings, tiny_model):
+    lm = dataclasses.replace(tiny_model, actqkv=SMALL)
+    context = AppContext(settings, model=lm)
+    yield context
+    context.close()
+
+
+def ask(ctx, owner, question, docs, conversation=None):
+    items = list(ctx.qa.answer(owner, question, docs, conversation, "actqkv", SETTINGS))
+    assert isinstance(items[-1], Answer)
+    return items[-1]
+
+
+def state_rows(ctx):
+    with ctx.sessions() as s:
+        rows = s.scalars(select(ContextTreeRecord)).all()
+        return [(r.document_id, r.path, r.sha256) for r in rows if r.fingerprint.startswith("actqkv-")]
+
+
+def count_encodings(ctx, monkeypatch):
+    calls = []
+    lm = ctx.model()
+    original = lm.encode_blocks
+    monkeypatch.setattr(type(lm), "encode_blocks", lambda self, *a, **k: (calls.append(1), original(*a, **k))[1])
+    return calls
+
+
+def test_the_state_is_built_once_reused_and_cites_document_pages(small_ctx, two_users, make_doc, monkeypatch):
+    ctx = small_ctx
+    alice, _ = two_users
+    doc = make_doc(alice.id, pages=PAGES)
+    calls = count_encodings(ctx, monkeypatch)
+    first = ask(ctx, alice.id, "How many units are in lot 2?", [doc])
+    assert len(calls) == 1 and first.engine == "actqkv" and first.timings["new_tokens"] >= 1
+    [(owner_doc, path, sha)] = state_rows(ctx)
+    assert owner_doc == doc
+    ctx.tensors.verify(path, sha)
+    follow = ask(ctx, alice.id, "And the late fee of lot 3?", [], first.conversation)
+    assert len(calls) == 1 and state_rows(ctx) == [(doc, path, sha)]  # loaded, not re-encoded
+    assert follow.timings["cached_prompt_tokens"] > 0  # the final window came from the state
+    for c in first.citations + follow.citations:
+        assert c["document"] == doc and 1 <= c["page"] <= len(PAGES) and c["text"]
+    again = ask(ctx, alice.id, "How many units are in lot 2?", [doc])
+    assert again.answer == first.answer  # the same question on the loaded state: the same tokens
+
+
+def test_a_damaged_state_is_dropped_and_re_encoded(small_ctx, two_users, make_doc, monkeypatch):
+    ctx = small_ctx
+    alice, _ = two_users
+    doc = make_doc(alice.id, pages=PAGES)
+    first = ask(ctx, alice.id, "Where are the lots delivered?", [doc])
+    [(_, path, _)] = state_rows(ctx)
+    file = ctx.tensors.absolute(path)
+    data = bytearray(file.read_bytes())
+    data[-9] ^= 0xFF
+    file.write_bytes(bytes(data))
+    calls = count_encodings(ctx, monkeypatch)
+    second = ask(ctx, alice.id, "Where are the lots delivered?", [doc])
+    assert len(calls) == 1 and second.answer == first.answer
+    [(_, path2, sha2)] = state_rows(ctx)
+    ctx.tensors.verify(path2, sha2)
+
+
+def test_the_state_goes_with_its_document_and_several_documents_are_read_together(small_ctx, two_users, make_doc):
+    ctx = small_ctx
+    alice, bob = two_users
+    a = make_doc(alice.id, name="a.pdf", pages=PAGES)
+    b = make_doc(alice.id, name="b.pdf", pages=PAGES[::-1])
+    both = ask(ctx, alice.id, "Which lot is delivered fastest?", [a, b])
+    assert {d for d, _, _ in state_rows(ctx)} == {a, b}
+    assert {c["document"] for c in both.citations} <= {a, b}
+    from app.services.errors import NotFound
+
+    with pytest.raises(NotFound):  # another user's document is not readable through this engine either
+        ask(ctx, bob.id, "Which lot?", [a])
+    [(_, path, _)] = [r for r in state_rows(ctx) if r[0] == a]
+    ctx.documents.delete(alice.id, a)
+    assert [r[0] for r in state_rows(ctx)] == [b] and not ctx.tensors.absolute(path).exists()
+
+
+def test_ingestion_builds_the_state_when_actqkv_is_the_servers_engine(tiny_model, tmp_path):
+    from app_testkit import write_pdf
+
+    lm = dataclasses.replace(tiny_model, actqkv=SMALL)
+    ctx = AppContext(Settings.load({"data_dir": tmp_path / "d", "engine": "actqkv"}, environ={}), model=lm)
+    owner = ctx.auth.local_user().id
+    stages = []
+    info = ctx.ingestion.ingest_path(owner, write_pdf(tmp_path / "lots.pdf", PAGES),
+                                     progress=lambda stage, done, total: stages.append((stage, done, total)))
+    assert info["status"] == "ready"
+    encoding = [s for s in stages if s[0] == "actqkv"]
+    assert encoding and encoding[-1][1] == encoding[-1][2] and len(encoding) > 1  # per execution block
+    assert [r[0] for r in state_rows(ctx)] == [info["id"]]
+    assert ctx.qa.warm_block_state(owner, info["id"]) == 0  # already stored
+    ctx.close()
