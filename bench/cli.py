@@ -6,6 +6,7 @@
     python -m bench quality [--needle-lengths ...] [--qa-pdfs ...]  # needle grid, real-PDF QA, perplexity
     python -m bench base    [--models qwen2.5-0.5b,smollm2]      # reading, decoder vs HF, full's prompt cache
     python -m bench decode  [--lengths 4096,16384]               # KV-cache layout / decode attention, before vs now
+    python -m bench actqkv  [--lengths 4k,16k,32k,64k,128k]      # needle grid + speed vs length: actqkv, full, rag
     python -m bench smoke                                        # all of the above, tiny model, seconds
     python -m bench all                                          # speed, model, ingest, quality
 
@@ -28,7 +29,8 @@ log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = ("speed", "model", "ingest", "quality")
-EXTRA_BENCHMARKS = ("base", "decode")  # not part of `all`: it loads every bundled model
+DEFAULT_ENGINES = "sharedllm,full,rag"
+EXTRA_BENCHMARKS = ("base", "decode", "actqkv")  # not part of `all`: long (base loads every bundled model)
 
 
 def _ints(text: str) -> list[int]:
@@ -61,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # speed
     parser.add_argument("--lengths", type=_ints, default=None, help="document tokens, e.g. 4k,16k,64k")
     parser.add_argument("--long", action="store_true", help="speed: add 128K tokens")
-    parser.add_argument("--engines", default="sharedllm,full,rag")
+    parser.add_argument("--engines", default=DEFAULT_ENGINES, help="default for actqkv: actqkv,full,rag")
     parser.add_argument("--questions", type=int, default=1, help="speed: questions per document")
     parser.add_argument("--tiled-lengths", type=_ints, default=None,
                         help="model: search+gather and TTFT on trees tiled to these lengths")
@@ -169,6 +171,13 @@ def run_benchmarks(args: argparse.Namespace, command: str) -> list:
                 [n for n in (args.cache_lengths if args.cache_lengths is not None else ([600] if smoke else [5120, 30720]))
                  if n > 0],  # --cache-lengths 0: no prompt-cache rows
                 args.data_dir or Path("data")))
+        elif name == "actqkv":
+            from bench import actqkv_bench
+
+            compared = ("actqkv", "full", "rag") if args.engines == DEFAULT_ENGINES else engines
+            sections.append(actqkv_bench.run_actqkv(
+                run, args.lengths or ([300] if smoke else [4096, 16384, 32768, 65536, 131072]),
+                args.depths or ([0.5] if smoke else [0.1, 0.5, 0.9]), compared))
         elif name == "decode":
             from bench import decode_layout
 

@@ -30,6 +30,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from model.attribution import Attribution
 from model.block_retrieval import (
@@ -45,7 +46,7 @@ from model.decoder import Transformer
 from model.generate import PrefixState
 from model.rope import apply_rope
 
-STATE_FORMAT = "actqkv-state-1"
+SCORE_QUERIES = 32  # queries per execution block whose attention ranks tokens for representatives
 
 
 def local_start(length: int, cfg: ActQKVConfig) -> int:
@@ -210,24 +211,42 @@ class _Encoder:
     def _attend(self, i, s, e, w0, cos, sin, first, available, share, entropies, q, k, v):
         cfg = self.cfg
         q, k, v = q[0], k[0], v[0]  # (nh, t, hd), (nkv, t, hd)
+        t = q.shape[1]
         self.k[i][:, s:e], self.v[i][:, s:e] = k, v
-        k_local = apply_rope(self.k[i][:, w0:e], cos, sin)
+        keys, values = apply_rope(self.k[i][:, w0:e], cos, sin), self.v[i][:, w0:e]
         q_local = apply_rope(q, cos[s - w0:], sin[s - w0:])
-        q_global = apply_rope(q, self.cos_n, self.sin_n)
-        channels = _heads_last(q_global)
+        channels = _heads_last(apply_rope(q, self.cos_n, self.sin_n))  # (t, C): read at distance n_local
         self.stats[i].update(channels)
-        k_g = v_g = None
+        s_g = 0
         if available:
             scores = block_scores(probe_query(channels, self.stats[i]), self.reprs[i][first:first + available],
                                   self.groups)
             entropies[i] = normalised_entropy(scores, cfg.entropy_temperature)
-            chosen = top_blocks(scores, share) + first
-            idx = _token_index(chosen, cfg, e)
-            idx = torch.cat([torch.arange(cfg.n_init), idx]).to(self.device)
-            k_g, v_g = self.k[i][:, idx], self.v[i][:, idx]
-        out, received, _ = joint_attention(q_local, k_local, self.v[i][:, w0:e], q_global, k_g, v_g)
-        self.received[i][:, w0:e] += received
-        return out.transpose(0, 1).reshape(1, q.shape[1], -1)
+            idx = torch.cat([torch.arange(cfg.n_init), _token_index(top_blocks(scores, share) + first, cfg, e)])
+            idx = idx.to(self.device)
+            # memory keys sit n_local positions before this step's first query (one SDPA call for the
+            # whole step; at question time, where T is small, each query reads them at exactly n_local)
+            cos_g, sin_g = self.base.rope(torch.tensor([s - w0 - cfg.n_local], device=self.device), self.dtype)
+            keys = torch.cat([apply_rope(self.k[i][:, idx], cos_g, sin_g), keys], dim=1)
+            values = torch.cat([self.v[i][:, idx], values], dim=1)
+            s_g = idx.numel()
+        n_keys = keys.shape[1]
+        mask = torch.arange(n_keys, device=self.device)[None, :] <= torch.arange(n_keys - t, n_keys, device=self.device)[:, None]
+        mask[:, :s_g] = True
+        out = F.scaled_dot_product_attention(q_local[None], keys[None], values[None], attn_mask=mask, enable_gqa=True)
+        self.received[i][:, w0:e] += self._received(q_local, keys, mask)[:, s_g:]
+        return out[0].transpose(0, 1).reshape(1, t, -1)
+
+    def _received(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention each key receives from a strided sample of the step's queries (nkv, S): ranks
+        the tokens of a block for its representative at 1/16 of the cost of every query's row."""
+        nh, t, hd = q.shape
+        nkv = keys.shape[0]
+        rows = torch.linspace(0, t - 1, min(t, SCORE_QUERIES), device=q.device).round().long()
+        qs = q[:, rows].reshape(nkv, -1, hd)  # (nkv, g * r, hd)
+        logits = (qs @ keys.transpose(1, 2)) * hd**-0.5
+        logits = logits.masked_fill(~mask[rows].repeat(nh // nkv, 1), float("-inf"))
+        return logits.softmax(-1).sum(1)
 
     def _finalise_blocks(self, upto: int) -> None:
         """Representatives of blocks [n_repr, upto): they left the local window (or the stream ended)."""

@@ -1,0 +1,150 @@
+"""`actqkv`: the training-free engine against `full` (with its prompt cache) and `rag` on the same
+documents in one run, from 4K to 128K tokens of real text.
+
+Per length, one haystack (Python's documentation) holds one needle per depth (a "special magic
+number" for a different noun at each depth), each asked separately, so every engine answers the same
+questions about the same document. Measured on that document: ActQKV's encoding tokens/s and stored
+bytes per token; per question and engine the answer, TTFT (from a persisted state: ActQKV's block
+K/V, `full`'s prompt prefix, both computed once per document and timed separately) and decode
+tokens/s. `full` reads at most its window (head and tail of longer documents); `rag` its top chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from bench.common import document_context, split_pages, text_of_tokens
+from bench.report import Table, plot_lines
+from bench.run import Run
+
+log = logging.getLogger(__name__)
+
+def needle_document(lm, n_tokens: int, depths: list[float]):
+    """A real-text haystack of about n_tokens with one magic-number needle per depth, each for another
+    noun (so every question has exactly one right answer in the document)."""
+    from bench.evalset import make_needle_item
+
+    text = text_of_tokens(lm, n_tokens, seed=500 + n_tokens)
+    items, nouns = [], set()
+    for depth in sorted(depths, reverse=True):  # deepest first: the shallower offsets stay where asked
+        seed = n_tokens + int(depth * 100)
+        while True:
+            item = make_needle_item(text, depth, seed=seed, kind="magic_number")
+            noun = item.question.split(" for ", 1)[1].split(" ", 1)[0]
+            if noun not in nouns:
+                break
+            seed += 1
+        nouns.add(noun)
+        text = item.context
+        items.append(item)
+    return text, sorted(items, key=lambda it: it.depth)
+
+
+def _prefix_cache(lm, prepared):
+    """`full`'s persisted prompt prefix for this document (what the app stores at ingestion)."""
+    from model.generate import PrefixState
+
+    ids, cut = lm.prompt_ids(prepared.messages, prepared.cache_prefix)
+    cache = lm.prefix_states(ids[:cut])
+    k, v = zip(*(layer.prefix(cut) for layer in cache), strict=True)
+    return PrefixState(list(k), list(v)), ids
+
+
+def answer(lm, engine, question: str, doc, max_new_tokens: int, full_prefix=None) -> dict:
+    from model import GenerationSettings
+
+    t0 = time.perf_counter()
+    prepared = engine.prepare(lm, question, [doc], [])
+    prompt_ids, prefix = prepared.prompt_ids, prepared.prefix
+    if engine.name == "full" and full_prefix is not None:
+        prefix = full_prefix
+        prompt_ids, _ = lm.prompt_ids(prepared.messages, prepared.cache_prefix)
+    stream = lm.generate(prepared.messages, prepared.memory, GenerationSettings(max_new_tokens=max_new_tokens),
+                         retrieval_s=prepared.retrieval_s, prompt_ids=prompt_ids, prefix=prefix)
+    pieces, ttft = [], None
+    for piece in stream:
+        ttft = ttft if ttft is not None else time.perf_counter() - t0
+        pieces.append(piece)
+    result = stream.result
+    return {"answer": "".join(pieces), "ttft_s": ttft if ttft is not None else time.perf_counter() - t0,
+            "decode_tps": result.tokens_per_s, "new_tokens": result.new_tokens,
+            "prompt_tokens": len(prompt_ids) if prompt_ids else result.prompt_tokens}
+
+
+def _acc(rows: list[dict]) -> float | None:
+    return sum(r["correct"] for r in rows) / len(rows) if rows else None
+
+
+def run_actqkv(run: Run, lengths: list[int], depths: list[float], engines: tuple[str, ...]):
+    from app.services.engines import document_stream, get_engine
+    from bench.evalset import contains_match
+
+    started = time.perf_counter()
+    section = run.section("actqkv", "ActQKV: needle grid and speed against document length (one run)")
+    lm, rows, speed = run.lm, [], []
+    for n in lengths:
+        text, items = needle_document(lm, n, depths)
+        doc, _ = document_context(lm, split_pages(text), "haystack", with_tree=False)
+        tokens = len(doc.token_ids)
+        stats = {"length": n, "tokens": tokens}
+        if "actqkv" in engines:
+            t0 = time.perf_counter()
+            state = lm.encode_blocks(*document_stream(lm, doc))
+            stats["encode_s"] = time.perf_counter() - t0
+            stats["encode_tps"] = state.length / stats["encode_s"]
+            stats["bytes_per_token"] = state.nbytes() / state.length
+            doc.extra["actqkv"] = state
+            log.info("actqkv: %d tokens encoded in %.0f s (%.0f tokens/s)", tokens, stats["encode_s"], stats["encode_tps"])
+        full_prefix = None
+        if "full" in engines:
+            t0 = time.perf_counter()
+            full_prefix, _ = _prefix_cache(lm, get_engine("full").prepare(lm, items[0].question, [doc], []))
+            stats["full_prefix_s"] = time.perf_counter() - t0
+            stats["full_prefix_tokens"] = full_prefix.length
+        speed.append(stats)
+        for item in items:
+            for name in engines:
+                out = answer(lm, get_engine(name), item.question, doc, run.max_new_tokens, full_prefix)
+                ok = bool(contains_match(out["answer"], item.answer))
+                rows.append({"length": n, "tokens": tokens, "depth": item.depth, "engine": name, "correct": ok,
+                             "gold": item.answer, **out})
+                log.info("needle %d depth %.1f %s: %s (%r)", n, item.depth, name, ok, out["answer"][:60])
+        section.raw = {"needle": rows, "speed": speed}
+        run.write(section, started)  # partial results survive a long run being stopped
+    section.tables = [
+        Table(["length", "doc tokens", *(f"{e} @ depths {','.join(map(str, depths))}" for e in engines),
+               *(f"{e} acc" for e in engines)],
+              [[n, next((r["tokens"] for r in rows if r["length"] == n), None),
+                *(" ".join("✓" if r["correct"] else "✗" for r in rows if r["length"] == n and r["engine"] == e)
+                  for e in engines),
+                *(_acc([r for r in rows if r["length"] == n and r["engine"] == e]) for e in engines)]
+               for n in lengths],
+              title="needle in a real-text haystack, one needle per depth, each asked separately (contains-match)"),
+        Table(["length", "doc tokens", "actqkv encode tokens/s", "actqkv bytes/token", "full prefix s (tokens)",
+               *(f"{e} TTFT s" for e in engines), *(f"{e} decode tok/s" for e in engines)],
+              [[s["length"], s["tokens"], s.get("encode_tps"), s.get("bytes_per_token"),
+                f"{s['full_prefix_s']:.0f} ({s['full_prefix_tokens']})" if "full_prefix_s" in s else None,
+                *(_mean([r["ttft_s"] for r in rows if r["length"] == s["length"] and r["engine"] == e]) for e in engines),
+                *(_mean([r["decode_tps"] for r in rows if r["length"] == s["length"] and r["engine"] == e])
+                  for e in engines)]
+               for s in speed],
+              title="speed: encoding once per document, then per question from the persisted state"),
+    ]
+    xs = lengths
+    for name, title, ylabel, key in (("actqkv-needle", "needle accuracy vs document length", "accuracy", "correct"),
+                                     ("actqkv-ttft", "TTFT vs document length (persisted state)", "seconds", "ttft_s")):
+        series = {e: (xs, [_mean([float(r[key]) for r in rows if r["length"] == n and r["engine"] == e]) for n in xs])
+                  for e in engines}
+        path = plot_lines(run.figure(name), title, "document tokens", ylabel, series, run.machine, run.command,
+                          section.weights, logx=True)
+        section.figures.append(run.rel(path))
+    cfg = lm.actqkv
+    section.notes.append(f"actqkv settings: {cfg.to_dict()}; greedy answers of at most {run.max_new_tokens} tokens; "
+                         f"`full` reads head + tail when the document exceeds its window.")
+    section.raw = {"needle": rows, "speed": speed}
+    return run.write(section, started)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None

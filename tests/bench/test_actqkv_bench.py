@@ -1,0 +1,29 @@
+"""The `actqkv` benchmark on a tiny model: one needle per depth, each for its own noun, every engine
+asked every question, and the section's tables written."""
+
+from __future__ import annotations
+
+import json
+
+from bench.actqkv_bench import needle_document, run_actqkv
+from bench.run import Run
+from model.testing import tiny_loaded_model
+
+
+def test_every_depth_gets_its_own_needle_and_the_section_is_written(tmp_path, model_data_dir):
+    lm = tiny_loaded_model(model_data_dir)
+    text, items = needle_document(lm, 400, [0.1, 0.5, 0.9])
+    assert [i.depth for i in items] == [0.1, 0.5, 0.9]
+    assert len({i.question for i in items}) == 3 and len({i.answer for i in items}) == 3
+    for item in items:
+        assert text.count(item.needle) == 1  # each fact once, every one in the final document
+    offsets = [text.index(i.needle) / len(text) for i in items]
+    assert offsets == sorted(offsets) and abs(offsets[1] - 0.5) < 0.1
+    md = tmp_path / "benchmarks.md"
+    run = Run(lm=lm, command="test", md_path=md, img_dir=tmp_path / "img", raw_dir=tmp_path / "raw", max_new_tokens=3)
+    run_actqkv(run, [300], [0.3, 0.7], ("actqkv", "full", "rag"))
+    written = md.read_text()
+    assert "actqkv encode tokens/s" in written and "actqkv @ depths 0.3,0.7" in written
+    raw = json.loads((tmp_path / "raw" / "actqkv.json").read_text())["raw"]
+    assert len(raw["needle"]) == 6 and {r["engine"] for r in raw["needle"]} == {"actqkv", "full", "rag"}
+    assert raw["speed"][0]["bytes_per_token"] > 0 and raw["speed"][0]["full_prefix_tokens"] > 0
