@@ -308,6 +308,18 @@ def document_stream(lm: Any, doc: DocumentContext) -> tuple[list[int], int]:
     return head_ids + list(ids), len(head_ids)
 
 
+def stream_digest(lm: Any, doc: DocumentContext) -> str:
+    """What `document_stream` depends on, hashed without tokenizing (checked before a stored state is
+    used: hashing the page texts costs milliseconds, tokenizing a 128K-token document seconds)."""
+    head, _ = around_documents(lm, "?", [])
+    digest = hashlib.sha256(f"{head}\x00{doc.name}\x00".encode())
+    for page in doc.pages:
+        digest.update(f"{page.token_start}:{page.token_end}:".encode())
+        digest.update(page.text.encode())
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
 class ActQKVEngine:
     """Training-free: the whole documents, read from persisted block K/V by activation-aware block
     retrieval in every layer (model/actqkv.py); citations from the attention mass on their blocks."""
