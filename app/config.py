@@ -53,6 +53,9 @@ class Settings:
     # "mean"; fresh, untrained cross-attention: "last"). Part of the tree fingerprint: changing it
     # re-encodes documents on demand.
     retrieval_vector: str | None = None
+    # ActQKV knobs as JSON overriding model.block_retrieval.ActQKVConfig, e.g. '{"budget": 32}' (part of
+    # the stored states' fingerprint: documents are re-encoded for the `actqkv` engine on demand).
+    actqkv: str | None = None
     # "auto" picks CUDA when available, else CPU.
     device: str = "auto"
     # torch's CPU threads; None keeps torch's default (one per core). OMP_WAIT_POLICY is set to PASSIVE
@@ -96,12 +99,29 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.actqkv is not None:
+            self.actqkv_config()  # validated here: a bad value fails at start-up, naming the setting
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.gpu_tree_cache_gb < 0:
             raise ConfigError(f"gpu_tree_cache_gb must be >= 0, got {self.gpu_tree_cache_gb}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+
+    def actqkv_config(self) -> Any:
+        """The ActQKV configuration these settings ask for (defaults when `actqkv` is unset)."""
+        from model.block_retrieval import ActQKVConfig
+        from model.config import ConfigError as ModelConfigError
+
+        if not self.actqkv:
+            return ActQKVConfig()
+        try:
+            values = json.loads(self.actqkv)
+            if not isinstance(values, dict):
+                raise ValueError("not a JSON object")
+            return ActQKVConfig.from_dict(values)
+        except (ValueError, TypeError, ModelConfigError) as exc:
+            raise ConfigError(f"{ENV_PREFIX}ACTQKV must be a JSON object of ActQKV settings: {exc}") from None
 
     @property
     def resolved_database_url(self) -> str:

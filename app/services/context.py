@@ -87,7 +87,9 @@ def _load_default(settings: Settings) -> Any:
     from model import load_model
 
     overrides = {"retrieval_vector": settings.retrieval_vector} if settings.retrieval_vector else {}
-    return load_model(
+    lm = load_model(
         settings.model, data_dir=settings.data_dir, device=settings.device, weights=settings.weights,
         threads=settings.threads, **overrides,
     )
+    lm.actqkv = settings.actqkv_config()
+    return lm

@@ -121,3 +121,14 @@ def test_ingestion_builds_the_state_when_actqkv_is_the_servers_engine(tiny_model
     assert [r[0] for r in state_rows(ctx)] == [info["id"]]
     assert ctx.qa.warm_block_state(owner, info["id"]) == 0  # already stored
     ctx.close()
+
+
+def test_actqkv_settings_are_validated_and_reach_the_engine():
+    from app.config import ConfigError
+
+    settings = Settings.load({}, environ={"SHAREDLLM_ACTQKV": '{"budget": 32, "max_blocks": 64}'})
+    assert settings.actqkv_config() == ActQKVConfig(budget=32, max_blocks=64)
+    for bad in ('{"budget": 100}', '{"nope": 1}', "[1]", "not json"):
+        with pytest.raises(ConfigError, match="SHAREDLLM_ACTQKV"):
+            Settings.load({}, environ={"SHAREDLLM_ACTQKV": bad})
+    assert Settings.load({}, environ={}).actqkv_config() == ActQKVConfig()
