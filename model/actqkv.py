@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from model.attribution import Attribution
+from model.block_kv import StoredKV
 from model.block_retrieval import (
     ActQKVConfig,
     RunningStats,
@@ -109,8 +110,8 @@ class BlockState:
     config: ActQKVConfig
     token_ids: list[int]  # the whole stream: template header + document
     doc_offset: int  # stream index of the document's first token
-    k: list[torch.Tensor]  # per layer (nkv, T, hd), pre-RoPE
-    v: list[torch.Tensor]
+    k: list[StoredKV]  # per layer (nkv, T, hd), pre-RoPE
+    v: list[StoredKV]
     reprs: list[torch.Tensor]  # per layer (N, nkv, hd), N = ceil(T / B)
     stats: list[RunningStats]
     entropy: torch.Tensor  # (L,) mean normalised entropy of block scores while encoding
@@ -124,25 +125,29 @@ class BlockState:
         return -(-self.length // self.config.block_size)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, *self.reprs))
+        return sum(kv.nbytes() for kv in (*self.k, *self.v)) + sum(r.numel() * r.element_size() for r in self.reprs)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {"token_ids": torch.tensor(self.token_ids, dtype=torch.int32),
                "doc_offset": torch.tensor([self.doc_offset], dtype=torch.int64),
                "entropy": self.entropy.float()}
         for i, (k, v, r, s) in enumerate(zip(self.k, self.v, self.reprs, self.stats, strict=True)):
-            out[f"k.{i}"], out[f"v.{i}"], out[f"repr.{i}"] = k.contiguous(), v.contiguous(), r.contiguous()
+            out.update(k.to_tensors(f"k.{i}"))
+            out.update(v.to_tensors(f"v.{i}"))
+            out[f"repr.{i}"] = r.contiguous()
             out[f"stats.{i}"] = torch.stack([s.mean, s.m2])
             out[f"count.{i}"] = torch.tensor([s.count], dtype=torch.float64)
         return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], config: ActQKVConfig) -> BlockState:
-        n_layers = sum(1 for name in tensors if name.startswith("k."))
+        n_layers = sum(1 for name in tensors if name.startswith("repr."))
+        B = config.block_size
         stats = [RunningStats(tensors[f"stats.{i}"].shape[1], float(tensors[f"count.{i}"][0]),
                               tensors[f"stats.{i}"][0], tensors[f"stats.{i}"][1]) for i in range(n_layers)]
         return cls(config, tensors["token_ids"].tolist(), int(tensors["doc_offset"][0]),
-                   [tensors[f"k.{i}"] for i in range(n_layers)], [tensors[f"v.{i}"] for i in range(n_layers)],
+                   [StoredKV.from_tensors(tensors, f"k.{i}", B) for i in range(n_layers)],
+                   [StoredKV.from_tensors(tensors, f"v.{i}", B) for i in range(n_layers)],
                    [tensors[f"repr.{i}"] for i in range(n_layers)], stats, tensors["entropy"].float())
 
 
@@ -260,12 +265,13 @@ class _Encoder:
         self.n_repr = upto
 
     def state(self, doc_offset: int) -> BlockState:
-        dtype = self.cfg.dtype
+        cfg = self.cfg
         steps = max(self.entropy_steps, 1)
         entropy = self.entropy_sum / steps if self.entropy_steps else torch.ones(len(self.k))
         return BlockState(self.cfg, list(self.ids), doc_offset,
-                          [k.to("cpu", dtype) for k in self.k], [v.to("cpu", dtype) for v in self.v],
-                          [r.to("cpu", dtype) for r in self.reprs], self.stats, entropy)
+                          [StoredKV.encode(k, cfg.state_dtype, cfg.block_size) for k in self.k],
+                          [StoredKV.encode(v, cfg.state_dtype, cfg.block_size) for v in self.v],
+                          [r.to("cpu", cfg.float_dtype) for r in self.reprs], self.stats, entropy)
 
 
 def _token_index(blocks: torch.Tensor, cfg: ActQKVConfig, length: int) -> torch.Tensor:
@@ -345,8 +351,8 @@ class BlockMemory:
         last = self.states[-1]
         n = last.length - self.w0
         cos, sin = self.base.rope(torch.arange(n, device=self.device), self.dtype)
-        ks = [apply_rope(k[None, :, self.w0:].to(self.device, self.dtype), cos, sin) for k in last.k]
-        vs = [v[None, :, self.w0:].to(self.device, self.dtype) for v in last.v]
+        ks = [apply_rope(k.read(self.w0, last.length)[None].to(self.device, self.dtype), cos, sin) for k in last.k]
+        vs = [v.read(self.w0, last.length)[None].to(self.device, self.dtype) for v in last.v]
         return PrefixState(ks, vs)
 
     # --- one forward step ---------------------------------------------------------------------
@@ -390,13 +396,15 @@ class BlockMemory:
         ks, vs = [], []
         first = self.states[0]
         if self.init_tokens:
-            ks.append(first.k[layer][:, :self.init_tokens])
-            vs.append(first.v[layer][:, :self.init_tokens])
+            ks.append(first.k[layer].read(0, self.init_tokens))
+            vs.append(first.v[layer].read(0, self.init_tokens))
         for d, j in (self.pool[int(p)] for p in chosen):
             st, B = self.states[d], self.cfg.block_size
-            ks.append(st.k[layer][:, j * B:(j + 1) * B])
-            vs.append(st.v[layer][:, j * B:(j + 1) * B])
-        self._kv[layer] = (torch.cat(ks, 1).to(self.device, self.dtype), torch.cat(vs, 1).to(self.device, self.dtype))
+            end = min((j + 1) * B, st.length)
+            ks.append(st.k[layer].read(j * B, end))
+            vs.append(st.v[layer].read(j * B, end))
+        self._kv[layer] = (torch.cat([k.to(self.device, self.dtype) for k in ks], 1),
+                           torch.cat([v.to(self.device, self.dtype) for v in vs], 1))
         if self.tracking:
             B = self.cfg.block_size
             src = [self._source_ids(0, torch.arange(self.init_tokens))]

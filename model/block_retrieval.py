@@ -43,7 +43,7 @@ class ActQKVConfig:
     repr_topk: int = 4  # a block's representative: mean key of its most-attended tokens (per KV head)
     retrieval_interval: int = 8  # decoded tokens between re-retrievals (the prompt always retrieves)
     entropy_temperature: float = 0.1  # softmax temperature of cosine scores for the entropy
-    state_dtype: str = "bfloat16"  # persisted K/V
+    state_dtype: str = "bfloat16"  # persisted K/V: bfloat16, float16, float32, or int8 (a scale per block)
 
     def __post_init__(self) -> None:
         positive = ("block_size", "n_init", "n_local", "exec_block", "budget", "min_blocks", "max_blocks",
@@ -62,8 +62,8 @@ class ActQKVConfig:
             raise ConfigError(f"actqkv repr_topk={self.repr_topk} exceeds block_size={self.block_size}")
         if self.entropy_temperature <= 0:
             raise ConfigError("actqkv entropy_temperature must be > 0")
-        if self.state_dtype not in ("bfloat16", "float16", "float32"):
-            raise ConfigError(f"actqkv state_dtype {self.state_dtype!r}: use bfloat16, float16 or float32")
+        if self.state_dtype not in ("bfloat16", "float16", "float32", "int8"):
+            raise ConfigError(f"actqkv state_dtype {self.state_dtype!r}: use bfloat16, float16, float32 or int8")
 
     def check_window(self, max_position: int) -> None:
         """The local window, an execution block and an answer must fit the model's positions."""
@@ -72,8 +72,9 @@ class ActQKVConfig:
                               f"the model's {max_position} positions for the question and the answer")
 
     @property
-    def dtype(self) -> torch.dtype:
-        return getattr(torch, self.state_dtype)
+    def float_dtype(self) -> torch.dtype:
+        """The floating-point type of stored representatives (bfloat16 beside int8 K/V)."""
+        return torch.bfloat16 if self.state_dtype == "int8" else getattr(torch, self.state_dtype)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -107,13 +107,38 @@ def test_the_state_round_trips_through_tensors_exactly(tiny_base, tmp_path):
     saved = store.save(1, "fp", state.to_tensors())
     back = BlockState.from_tensors(store.load(saved.path, saved.sha256), cfg)
     assert back.token_ids == state.token_ids and back.doc_offset == 3
-    for x, y in zip([*state.k, *state.v, *state.reprs], [*back.k, *back.v, *back.reprs], strict=True):
+    pairs = [(x.data, y.data) for x, y in zip([*state.k, *state.v], [*back.k, *back.v], strict=True)]
+    for x, y in pairs + list(zip(state.reprs, back.reprs, strict=True)):
         assert x.dtype == y.dtype == torch.bfloat16 and torch.equal(x, y)
     for s, t in zip(state.stats, back.stats, strict=True):
         assert s.count == t.count and torch.equal(s.mean, t.mean) and torch.equal(s.m2, t.m2)
     suffix = [5, 6, 7]
     torch.testing.assert_close(_answer_logits(tiny_base, [state], suffix)[0],
                                _answer_logits(tiny_base, [back], suffix)[0], atol=0, rtol=0)
+
+
+def test_int8_states_halve_the_bytes_and_round_trip_with_their_scales(tiny_base, tmp_path):
+    from storage import TensorStore
+
+    kw = {**SMALL, "n_local": 64}
+    ids = random_ids(400, seed=8).tolist()
+    exact = encode_stream(tiny_base, ids, ActQKVConfig(**kw))
+    bf16 = encode_stream(tiny_base, ids, ActQKVConfig(**{**kw, "state_dtype": "bfloat16"}))
+    int8 = encode_stream(tiny_base, ids, ActQKVConfig(**{**kw, "state_dtype": "int8"}))
+    kv_bytes = lambda st: sum(x.nbytes() for x in (*st.k, *st.v))  # noqa: E731
+    assert kv_bytes(int8) < 0.55 * kv_bytes(bf16)
+    for e, q in zip(exact.k, int8.k, strict=True):
+        x, y = e.read(0, e.length), q.read(0, q.length)
+        assert q.data.dtype == torch.int8 and (x - y).abs().max() <= x.abs().max() / 127 * 0.51 + 1e-6
+        assert torch.allclose(q.read(130, 170), y[:, 130:170])  # a read across blocks keeps their scales
+    store = TensorStore(tmp_path)
+    saved = store.save(1, "fp", int8.to_tensors())
+    back = BlockState.from_tensors(store.load(saved.path, saved.sha256), int8.config)
+    assert all(torch.equal(a.data, b.data) and torch.equal(a.scale, b.scale) for a, b in zip(int8.k, back.k, strict=True))
+    suffix = [5, 6, 7]
+    reference = _answer_logits(tiny_base, [exact], suffix)[0]
+    quantised = _answer_logits(tiny_base, [back], suffix)[0]
+    assert (reference - quantised).abs().max() < 0.05 * reference.abs().max()
 
 
 # --- retrieval arithmetic on constructed vectors --------------------------------------------------
