@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qa-pdfs", default=None, help="quality: comma-separated PDF ids (default: all available)")
     parser.add_argument("--qa-limit", type=int, default=None, help="quality: at most N questions per PDF")
     parser.add_argument("--ppl-lengths", type=_ints, default=None)
-    parser.add_argument("--skip", default="", help="quality: parts to skip (needle,qa,ppl)")
+    parser.add_argument("--skip", default="", help="quality: parts to skip (needle,qa,multi,ppl)")
     parser.add_argument("-v", "--verbose", action="store_true")
 
 

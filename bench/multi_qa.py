@@ -266,3 +266,25 @@ if __name__ == "__main__":  # python -m bench.multi_qa
     text, ok = summary()
     print(text)
     raise SystemExit(0 if ok else 1)
+
+
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
+_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
+          "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12"}
+
+
+def score_multi(item: MultiQAItem, prediction: str) -> float:
+    """1.0 if the prediction answers the item, stricter than `contains_match` where that is lenient:
+    count items take the first number said (digits or a word up to twelve), absence items the first
+    yes/no word, two-hop items a whole-token match of any accepted answer."""
+    from bench.evalset import contains_match, normalise_answer
+
+    words = normalise_answer(prediction).split()
+    if item.kind == "count":
+        said = next((w if _NUMBER.fullmatch(w) else _WORDS[w] for w in words if _NUMBER.fullmatch(w) or w in _WORDS), None)
+        gold = item.answers[0]
+        return float(said is not None and said == gold)
+    if item.kind == "absence":
+        said = next((w for w in words if w in ("yes", "no")), None)
+        return float(said is not None and any(normalise_answer(a).split()[:1] == [said] for a in item.answers))
+    return contains_match(prediction, item.answers)

@@ -58,47 +58,73 @@ def needle_grid(run: Run, engines: tuple[str, ...], lengths: list[int], depths: 
     return out
 
 
-def real_qa(run: Run, engines: tuple[str, ...], pdf_ids: list[str] | None, limit: int | None) -> list[dict]:
+def _ask_pdfs(run: Run, engines: tuple[str, ...], items_by_pdf: dict, record) -> list[dict]:
+    """Ingests each PDF once through the app's services and asks its items with every engine;
+    `record(item, engine, answer)` turns one answer into a result row."""
     from app.services.qa import AnswerSettings
-    from bench.evalset import contains_match, evidence_token_offset, f1_score, load_real_qa, pdf_path
+    from bench.evalset import pdf_path
 
-    items = load_real_qa()  # availability is checked per PDF below (parsing all of them takes minutes)
-    pdf_ids = pdf_ids or sorted({i.pdf for i in items})
     out = []
     with run.store() as tmp:
         ctx = app_context(Path(tmp), run.lm)
         try:
             owner = ctx.auth.local_user()
             settings = AnswerSettings(max_new_tokens=run.max_new_tokens)
-            for pdf_id in pdf_ids:
+            for pdf_id, chosen in items_by_pdf.items():
                 path = pdf_path(pdf_id)
                 if path is None:
                     log.warning("real QA: %s unavailable, skipped", pdf_id)
                     continue
                 info = ctx.ingestion.ingest_path(owner.id, path)  # reused when already in the store
-                chosen = [i for i in items if i.pdf == pdf_id]
-                chosen.sort(key=lambda i: evidence_token_offset(i, run.lm.tokenizer) or 0)
-                if limit and len(chosen) > limit:  # spread over the document: nearest, furthest, evenly between
-                    step = (len(chosen) - 1) / max(1, limit - 1)
-                    chosen = [chosen[round(k * step)] for k in range(limit)] if limit > 1 else chosen[-1:]
                 for item in chosen:
-                    offset = evidence_token_offset(item, run.lm.tokenizer)
                     for engine in engines:
                         ans = ctx.qa.answer_all(owner.id, item.question, [info["id"]], None, engine, settings)
-                        out.append({"id": item.id, "pdf": pdf_id, "engine": engine, "evidence_token": offset,
-                                    "far": offset is not None and offset >= FAR_TOKENS,
-                                    "correct": contains_match(ans.answer, item.answers),
-                                    "f1": f1_score(ans.answer, item.answers), "answer": ans.answer,
-                                    "gold": item.answers, "ttft_s": ans.timings["ttft_s"],
-                                    "cites_evidence_page": any(c["page"] == item.page for c in ans.citations),
-                                    "cited_pages": [c["page"] for c in ans.citations]})
+                        out.append({"id": item.id, "pdf": pdf_id, "engine": engine, "answer": ans.answer,
+                                    "ttft_s": ans.timings["ttft_s"], "cited_pages": [c["page"] for c in ans.citations],
+                                    **record(item, ans)})
                         log.info("QA %s %s: %s", item.id, engine, bool(out[-1]["correct"]))
         finally:
             ctx.close()
     return out
 
 
-@torch.no_grad()
+def real_qa(run: Run, engines: tuple[str, ...], pdf_ids: list[str] | None, limit: int | None) -> list[dict]:
+    from bench.evalset import contains_match, evidence_token_offset, f1_score, load_real_qa
+
+    items = load_real_qa()  # availability is checked per PDF below (parsing all of them takes minutes)
+    pdf_ids = pdf_ids or sorted({i.pdf for i in items})
+    by_pdf = {}
+    for pdf_id in pdf_ids:
+        chosen = [i for i in items if i.pdf == pdf_id]
+        chosen.sort(key=lambda i: evidence_token_offset(i, run.lm.tokenizer) or 0)
+        if limit and len(chosen) > limit:  # spread over the document: nearest, furthest, evenly between
+            step = (len(chosen) - 1) / max(1, limit - 1)
+            chosen = [chosen[round(k * step)] for k in range(limit)] if limit > 1 else chosen[-1:]
+        by_pdf[pdf_id] = chosen
+
+    def record(item, ans):
+        offset = evidence_token_offset(item, run.lm.tokenizer)
+        return {"evidence_token": offset, "far": offset is not None and offset >= FAR_TOKENS,
+                "correct": contains_match(ans.answer, item.answers), "f1": f1_score(ans.answer, item.answers),
+                "gold": item.answers, "cites_evidence_page": any(c["page"] == item.page for c in ans.citations)}
+
+    return _ask_pdfs(run, engines, by_pdf, record)
+
+
+def multi_passage_qa(run: Run, engines: tuple[str, ...], pdf_ids: list[str] | None,
+                     limit: int | None = None) -> list[dict]:
+    """The held-out questions no single passage answers (bench/data/real_qa_multi.jsonl); at most
+    `limit` per PDF."""
+    from bench.multi_qa import load_multi_qa, score_multi
+
+    items = load_multi_qa()
+    pdf_ids = pdf_ids or sorted({i.pdf for i in items})
+    by_pdf = {p: [i for i in items if i.pdf == p][:limit] for p in pdf_ids if any(i.pdf == p for i in items)}
+    return _ask_pdfs(run, engines, by_pdf, lambda item, ans: {
+        "kind": item.kind, "correct": score_multi(item, ans.answer), "gold": item.answers,
+        "cites_evidence_page": any(c["page"] in item.pages for c in ans.citations) if item.evidence else None})
+
+
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float(F.cross_entropy(logits.float(), targets, reduction="mean"))
 
@@ -189,6 +215,18 @@ def run_quality(run: Run, engines: tuple[str, ...], needle_lengths: list[int], d
                               "evidence token offset (8K bins)", "accuracy (contains-match)", series, run.machine,
                               run.command, section.weights)
             section.figures.append(run.rel(path))
+    if "multi" not in skip:
+        multi = multi_passage_qa(run, engines, qa_pdfs, qa_limit)
+        raw["multi"] = multi
+        section.raw = raw
+        kinds = sorted({r["kind"] for r in multi})
+        section.tables.append(Table(
+            ["engine", *(f"{k}" for k in kinds), "all", "n"],
+            [[e, *(_acc([r for r in multi if r["engine"] == e and r["kind"] == k]) for k in kinds),
+              _acc([r for r in multi if r["engine"] == e]), len([r for r in multi if r["engine"] == e])]
+             for e in engines],
+            title="questions no single passage answers (counts, two-hop lookups, absence checks; "
+                  "bench/data/real_qa_multi.jsonl, scored by bench.multi_qa.score_multi)"))
     if "ppl" not in skip:
         ppl = perplexity(run, ppl_lengths)
         raw["perplexity"] = ppl

@@ -170,3 +170,15 @@ def test_unavailable_pdf_is_skipped_not_failed(items, monkeypatch):
 
 def normalise(s: str) -> str:
     return evalset.normalise_ws(s)
+
+
+def test_scoring_is_strict_where_contains_match_is_lenient():
+    from bench.multi_qa import MultiQAItem, score_multi
+
+    count = MultiQAItem("x-m1", "x", "count", "How many?", ["4", "four"], [])
+    assert score_multi(count, "There are four of them.") == 1.0 and score_multi(count, "4 (AES, ...)") == 1.0
+    assert score_multi(count, "14") == 0.0 and score_multi(count, "8 or 4") == 0.0  # the first number said
+    absent = MultiQAItem("x-m2", "x", "absence", "Is Y mentioned?", ["no"], [])
+    assert score_multi(absent, "No, it is not.") == 1.0 and score_multi(absent, "Yes, but no details") == 0.0
+    hop = MultiQAItem("x-m3", "x", "two-hop", "Which?", ["blowfish"], [])
+    assert score_multi(hop, "It is Blowfish.") == 1.0 and score_multi(hop, "Twofish") == 0.0
