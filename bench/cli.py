@@ -177,7 +177,8 @@ def run_benchmarks(args: argparse.Namespace, command: str) -> list:
             compared = ("actqkv", "full", "rag") if args.engines == DEFAULT_ENGINES else engines
             sections.append(actqkv_bench.run_actqkv(
                 run, args.lengths or ([300] if smoke else [4096, 16384, 32768, 65536, 131072]),
-                args.depths or ([0.5] if smoke else [0.1, 0.5, 0.9]), compared))
+                args.depths or ([0.5] if smoke else [0.1, 0.5, 0.9]), compared,
+                args.tiled_lengths or ([600, 2400] if smoke else [4096, 16384, 32768, 65536, 131072])))
         elif name == "decode":
             from bench import decode_layout
 

@@ -21,9 +21,29 @@ def test_every_depth_gets_its_own_needle_and_the_section_is_written(tmp_path, mo
     assert offsets == sorted(offsets) and abs(offsets[1] - 0.5) < 0.1
     md = tmp_path / "benchmarks.md"
     run = Run(lm=lm, command="test", md_path=md, img_dir=tmp_path / "img", raw_dir=tmp_path / "raw", max_new_tokens=3)
-    run_actqkv(run, [300], [0.3, 0.7], ("actqkv", "full", "rag"))
+    run_actqkv(run, [300], [0.3, 0.7], ("actqkv", "full", "rag"), tiled_lengths=[400, 1600])
     written = md.read_text()
     assert "actqkv encode tokens/s" in written and "actqkv @ depths 0.3,0.7" in written
     raw = json.loads((tmp_path / "raw" / "actqkv.json").read_text())["raw"]
     assert len(raw["needle"]) == 6 and {r["engine"] for r in raw["needle"]} == {"actqkv", "full", "rag"}
     assert raw["speed"][0]["bytes_per_token"] > 0 and raw["speed"][0]["full_prefix_tokens"] > 0
+    tiled = raw["tiled"]
+    assert [r["tokens"] for r in tiled] == [400, 1600] and all(r["ttft_s"] > 0 for r in tiled)
+    assert "TTFT / shortest" in written
+
+
+def test_a_tiled_state_has_the_requested_length_and_consistent_blocks(model_data_dir):
+    from bench.actqkv_bench import tile_state
+    from model.actqkv import encode_stream
+    from model.block_retrieval import ActQKVConfig
+
+    lm = tiny_loaded_model(model_data_dir)
+    cfg = ActQKVConfig(block_size=16, n_init=16, n_local=64, exec_block=32, budget=4, min_blocks=1, max_blocks=8,
+                       state_dtype="int8")
+    state = encode_stream(lm.model.base, list(range(100, 300)), cfg)
+    big = tile_state(state, 1000)
+    assert big.length == 1000 and big.n_blocks == 63
+    assert all(k.data.shape[1] == 1000 and k.scale.shape[1] == 63 for k in big.k)
+    assert all(r.shape[0] == 63 for r in big.reprs)
+    import torch
+    assert torch.equal(big.k[0].read(192, 208), state.k[0].read(0, 16))  # block 12 repeats block 0
