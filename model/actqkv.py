@@ -39,6 +39,7 @@ from model.block_retrieval import (
     RunningStats,
     allocate_budget,
     block_scores,
+    max_token_scores,
     normalised_entropy,
     probe_query,
     top_blocks,
@@ -224,8 +225,12 @@ class _Encoder:
         self.stats[i].update(channels)
         s_g = 0
         if available:
-            scores = block_scores(probe_query(channels, self.stats[i]), self.reprs[i][first:first + available],
-                                  self.groups)
+            probe = probe_query(channels, self.stats[i], cfg.encode_probe)
+            if cfg.score == "max_token":
+                B = cfg.block_size
+                scores = max_token_scores(probe, self.k[i][:, first * B:(first + available) * B], B)
+            else:
+                scores = block_scores(probe, self.reprs[i][first:first + available], self.groups, cfg.score)
             entropies[i] = normalised_entropy(scores, cfg.entropy_temperature)
             idx = torch.cat([torch.arange(cfg.n_init), _token_index(top_blocks(scores, share) + first, cfg, e)])
             idx = idx.to(self.device)
@@ -316,6 +321,8 @@ class BlockMemory:
             hi = self.w0 // B if d == len(states) - 1 else st.n_blocks
             self.pool.extend((d, j) for j in range(lo, hi))
         self.has_memory = bool(self.pool) or len(states) > 1 or self.w0 > 0
+        self._pool_ranges = [(min((j for dd, j in self.pool if dd == d), default=0),
+                              max((j + 1 for dd, j in self.pool if dd == d), default=0)) for d in range(len(states))]
         self.init_tokens = min(cfg.n_init, states[0].length) if self.has_memory else 0
         self.reprs = [self._pool_reprs(i) for i in range(c.n_layer)]
         self.stats = [RunningStats.pooled([st.stats[i] for st in states]) for i in range(c.n_layer)]
@@ -358,7 +365,8 @@ class BlockMemory:
     # --- one forward step ---------------------------------------------------------------------
     def begin_step(self, t: int) -> bool:
         """Whether this step retrieves: the prompt always, then every `retrieval_interval` tokens."""
-        refresh = t > 1 or self._decoded % self.cfg.retrieval_interval == 0 or self._kv[0] is None
+        every = self.cfg.retrieval_interval
+        refresh = t > 1 or self._kv[0] is None or (every > 0 and self._decoded % every == 0)
         if t == 1:
             self._decoded += 1
         if refresh and self.pool:
@@ -388,8 +396,11 @@ class BlockMemory:
     def _retrieve(self, layer: int, q_global: torch.Tensor) -> None:
         chosen = torch.zeros(0, dtype=torch.long)
         if self.pool:
-            scores = block_scores(probe_query(_heads_last(q_global), self.stats[layer]), self.reprs[layer],
-                                  self.groups)
+            probe = probe_query(_heads_last(q_global), self.stats[layer], self.cfg.probe)
+            if self.cfg.score == "max_token":
+                scores = self._max_token_scores(layer, probe)
+            else:
+                scores = block_scores(probe, self.reprs[layer], self.groups, self.cfg.score)
             self._entropies[layer] = normalised_entropy(scores, self.cfg.entropy_temperature)
             chosen = top_blocks(scores, self._shares[layer])
         self.selected[layer] = chosen
@@ -411,6 +422,16 @@ class BlockMemory:
             for d, j in (self.pool[int(p)] for p in chosen):
                 src.append(self._source_ids(d, torch.arange(j * B, min((j + 1) * B, self.states[d].length))))
             self._src[layer] = torch.cat(src)
+
+    def _max_token_scores(self, layer: int, probe: torch.Tensor) -> torch.Tensor:
+        """`max_token` scores of the pool, in pool order (each document's pool blocks are consecutive)."""
+        B, parts = self.cfg.block_size, []
+        for d, (lo, hi) in enumerate(self._pool_ranges):
+            if hi > lo:
+                st = self.states[d]
+                keys = st.k[layer].read(lo * B, min(hi * B, st.length)).to(self.device)
+                parts.append(max_token_scores(probe, keys, B))
+        return torch.cat(parts)
 
     def _source_ids(self, d: int, tokens: torch.Tensor) -> torch.Tensor:
         """Flat (document, block) ids of stream tokens of document d; -1 for its template header."""

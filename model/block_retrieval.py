@@ -41,16 +41,30 @@ class ActQKVConfig:
     min_blocks: int = 8  # per-layer clamps of the entropy-driven shares
     max_blocks: int = 48
     repr_topk: int = 4  # a block's representative: mean key of its most-attended tokens (per KV head)
-    retrieval_interval: int = 8  # decoded tokens between re-retrievals (the prompt always retrieves)
-    entropy_temperature: float = 0.1  # softmax temperature of cosine scores for the entropy
+    # decoded tokens between re-retrievals; 0: the prompt's selection serves the whole answer (measured
+    # best: a single decoded token is a poor probe, docs/benchmarks.md "actqkv-dev")
+    retrieval_interval: int = 0
+    entropy_temperature: float = 0.5  # softmax temperature of the standardised scores for the entropy
+    # the query that retrieves, at question time and while encoding: "activation" (ActQKV's weighting of
+    # the step's queries), "mean" (InfLLM), "last" (the newest query: at question time the position that
+    # produces the answer's first token). Measured on needles (docs/benchmarks.md, "actqkv-dev"): "last"
+    # for questions; an execution block of 512 queries keeps ActQKV's weighting
+    probe: str = "last"
+    encode_probe: str = "activation"
+    # block score: "cosine" / "dot" of the probe with the block's representative (ActQKV / InfLLM), or
+    # "max_token": the block's best token, by the probe's attention logit averaged over heads (reads
+    # every stored key of the pool per retrieval; no representative involved). Measured best: max_token
+    score: str = "max_token"
     state_dtype: str = "bfloat16"  # persisted K/V: bfloat16, float16, float32, or int8 (a scale per block)
 
     def __post_init__(self) -> None:
         positive = ("block_size", "n_init", "n_local", "exec_block", "budget", "min_blocks", "max_blocks",
-                    "repr_topk", "retrieval_interval")
+                    "repr_topk")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"actqkv {name} must be >= 1, got {getattr(self, name)}")
+        if self.retrieval_interval < 0:
+            raise ConfigError(f"actqkv retrieval_interval must be >= 0, got {self.retrieval_interval}")
         if self.n_init % self.block_size:
             raise ConfigError(f"actqkv n_init={self.n_init} must be a multiple of block_size={self.block_size}")
         if self.n_local < self.block_size:
@@ -60,6 +74,11 @@ class ActQKVConfig:
                               f"{self.budget}, {self.max_blocks}")
         if self.repr_topk > self.block_size:
             raise ConfigError(f"actqkv repr_topk={self.repr_topk} exceeds block_size={self.block_size}")
+        if self.score not in ("cosine", "dot", "max_token"):
+            raise ConfigError(f"actqkv score {self.score!r}: use cosine, dot or max_token")
+        for name in ("probe", "encode_probe"):
+            if getattr(self, name) not in ("activation", "mean", "last"):
+                raise ConfigError(f"actqkv {name} {getattr(self, name)!r}: use activation, mean or last")
         if self.entropy_temperature <= 0:
             raise ConfigError("actqkv entropy_temperature must be > 0")
         if self.state_dtype not in ("bfloat16", "float16", "float32", "int8"):
@@ -89,9 +108,10 @@ class ActQKVConfig:
 
     def encoding_fields(self) -> dict:
         """What the persisted state depends on: the document is itself streamed with retrieval, so
-        every knob but the decoding interval shapes the stored K/V."""
+        every knob but the question-time ones (probe, decoding interval) shapes the stored K/V."""
         out = self.to_dict()
         out.pop("retrieval_interval")
+        out.pop("probe")
         return out
 
     def fingerprint(self, checkpoint_hash: str, prompt_layout: str) -> str:
@@ -140,13 +160,16 @@ class RunningStats:
         return out
 
 
-def probe_query(q: torch.Tensor, stats: RunningStats) -> torch.Tensor:
+def probe_query(q: torch.Tensor, stats: RunningStats, kind: str = "activation") -> torch.Tensor:
     """q (T, C) -> (C,): the queries weighted by their activation bias against `stats`.
 
     bias_t = mean_c (q_tc - mu_c)^2 / (var_c + eps), eps = mean(var) / 100 (as the authors' code);
-    weights = bias / sum(bias). With no statistics yet, the plain mean."""
+    weights = bias / sum(bias). With no statistics yet (or `kind="mean"`), the plain mean; `kind="last"`:
+    the newest query alone."""
     q = q.float()
-    if stats.count < 2 or q.shape[0] == 1:
+    if kind == "last":
+        return q[-1]
+    if kind == "mean" or stats.count < 2 or q.shape[0] == 1:
         return q.mean(0)
     mean, var = stats.mean.to(q.device), stats.var.to(q.device)
     bias = ((q - mean) ** 2 / (var + var.mean() / 100)).mean(-1)  # (T,)
@@ -154,19 +177,40 @@ def probe_query(q: torch.Tensor, stats: RunningStats) -> torch.Tensor:
     return (weights[:, None] * q).sum(0)
 
 
-def block_scores(probe: torch.Tensor, reprs: torch.Tensor, groups: int) -> torch.Tensor:
-    """probe (C,), reprs (N, nkv, hd) -> cosine similarities (N,), the KV heads' representatives
-    repeated over their query heads (GQA) so they line up with the probe's channels."""
-    expanded = reprs.float().repeat_interleave(groups, dim=1).flatten(1)  # (N, C)
-    return F.normalize(expanded, dim=-1) @ F.normalize(probe.float().to(expanded.device), dim=0)
+def block_scores(probe: torch.Tensor, reprs: torch.Tensor, groups: int, kind: str = "cosine") -> torch.Tensor:
+    """probe (C,), reprs (N, nkv, hd) -> scores (N,), the KV heads' representatives repeated over their
+    query heads (GQA) so they line up with the probe's channels. "cosine": of the concatenations;
+    "dot": the attention logit q.k / sqrt(hd) averaged over heads (a key component every block shares,
+    e.g. Qwen2's k_proj bias, shifts all scores alike instead of rescaling them)."""
+    expanded = reprs.float().repeat_interleave(groups, dim=1)  # (N, nh, hd)
+    probe = probe.float().to(expanded.device)
+    if kind == "dot":
+        nh, hd = expanded.shape[1], expanded.shape[2]
+        return expanded.flatten(1) @ probe / (nh * hd**0.5)
+    return F.normalize(expanded.flatten(1), dim=-1) @ F.normalize(probe, dim=0)
+
+
+def max_token_scores(probe: torch.Tensor, keys: torch.Tensor, block_size: int) -> torch.Tensor:
+    """probe (C,) = (nh * hd,), keys (nkv, n * B', hd) of consecutive blocks -> (ceil(n B' / B),): per
+    block, the largest attention logit q.k / sqrt(hd) (averaged over heads) of any of its tokens."""
+    nkv, length, hd = keys.shape
+    q = probe.float().view(nkv, -1, hd).to(keys.device)  # (nkv, g, hd)
+    logits = (q @ keys.float().transpose(1, 2)).mean(1).sum(0) / (nkv * hd**0.5)  # (S,)
+    n = -(-length // block_size)
+    padded = logits.new_full((n * block_size,), float("-inf"))
+    padded[:length] = logits
+    return padded.view(n, block_size).amax(-1)
 
 
 def normalised_entropy(scores: torch.Tensor, temperature: float) -> float:
-    """Entropy of softmax(scores / T) over the blocks, divided by its maximum log(N): in [0, 1]."""
+    """Entropy of softmax(z / T) over the blocks, z the standardised scores, divided by its maximum
+    log(N): in [0, 1] whatever the scores' scale (cosines, logits)."""
     n = scores.numel()
     if n < 2:
         return 1.0
-    p = torch.softmax(scores.float() / temperature, dim=0)
+    z = scores.float()
+    z = (z - z.mean()) / z.std().clamp_min(1e-6)
+    p = torch.softmax(z / temperature, dim=0)
     h = -(p * torch.log(p.clamp_min(1e-12))).sum()
     return float(h / math.log(n))
 

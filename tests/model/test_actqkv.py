@@ -120,7 +120,7 @@ def test_the_state_round_trips_through_tensors_exactly(tiny_base, tmp_path):
 def test_int8_states_halve_the_bytes_and_round_trip_with_their_scales(tiny_base, tmp_path):
     from storage import TensorStore
 
-    kw = {**SMALL, "n_local": 64}
+    kw = {**SMALL, "n_local": 64, "budget": 64, "max_blocks": 64}  # every block read: the same selection
     ids = random_ids(400, seed=8).tolist()
     exact = encode_stream(tiny_base, ids, ActQKVConfig(**kw))
     bf16 = encode_stream(tiny_base, ids, ActQKVConfig(**{**kw, "state_dtype": "bfloat16"}))
@@ -129,7 +129,8 @@ def test_int8_states_halve_the_bytes_and_round_trip_with_their_scales(tiny_base,
     assert kv_bytes(int8) < 0.55 * kv_bytes(bf16)
     for e, q in zip(exact.k, int8.k, strict=True):
         x, y = e.read(0, e.length), q.read(0, q.length)
-        assert q.data.dtype == torch.int8 and (x - y).abs().max() <= x.abs().max() / 127 * 0.51 + 1e-6
+        # half a step, plus the fp16 rounding of the scale (127 steps x 2^-11)
+        assert q.data.dtype == torch.int8 and (x - y).abs().max() <= x.abs().max() / 127 * 0.57 + 1e-6
         assert torch.allclose(q.read(130, 170), y[:, 130:170])  # a read across blocks keeps their scales
     store = TensorStore(tmp_path)
     saved = store.save(1, "fp", int8.to_tensors())
@@ -221,6 +222,7 @@ def test_the_config_is_validated_and_its_fingerprint_covers_the_encoding_knobs()
         ActQKVConfig().check_window(2048)
     base = ActQKVConfig().fingerprint("ckpt", "v1")
     assert ActQKVConfig(block_size=32).fingerprint("ckpt", "v1") != base
-    assert ActQKVConfig(retrieval_interval=1).fingerprint("ckpt", "v1") == base  # read-time only
+    assert ActQKVConfig(retrieval_interval=1, probe="mean").fingerprint("ckpt", "v1") == base  # read-time only
+    assert ActQKVConfig(encode_probe="mean").fingerprint("ckpt", "v1") != base
     assert ActQKVConfig().fingerprint("other", "v1") != base and ActQKVConfig().fingerprint("ckpt", "v2") != base
     assert ActQKVConfig.from_dict(ActQKVConfig(budget=30).to_dict()) == ActQKVConfig(budget=30)
