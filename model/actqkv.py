@@ -17,8 +17,11 @@ queries (for the probe) and the mean normalised entropy of the block scores (fir
 **Question time.** The question (and earlier turns) follow the document in the prompt, so the state
 does not depend on them. The last document's final window is loaded as an ordinary KV cache
 (rotated at positions 0..W-1); the question is prefilled after it and the answer decoded, every
-layer attending to [init, its retrieved blocks, local] in one softmax. Retrieval runs for the prompt
-and every `retrieval_interval` decoded tokens. Several documents: their blocks form one memory.
+layer attending to [init, its retrieved blocks, local] in one softmax. Retrieval (`model.block_retrieval`)
+runs for the prompt; by default its selection serves the whole answer (`retrieval_interval` = 0).
+Defaults measured on needles (docs/benchmarks.md): the newest query as the probe and each block
+scored by its best token (`max_token`); ActQKV's activation-weighted probe and representative scores
+are the `probe` / `score` options. Several documents: their blocks form one memory.
 
 **Exactness anchor.** A stream within `n_init + n_local` tokens is all local: encoding and answering
 are then ordinary causal attention, so `actqkv` equals `full` on the same prompt (tested).
