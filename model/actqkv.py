@@ -235,11 +235,12 @@ class _Encoder:
             else:
                 scores = block_scores(probe, self.reprs[i][first:first + available], self.groups, cfg.score)
             entropies[i] = normalised_entropy(scores, cfg.entropy_temperature)
-            idx = torch.cat([torch.arange(cfg.n_init), _token_index(top_blocks(scores, share) + first, cfg, e)])
+            idx = torch.cat([torch.arange(cfg.n_init), _token_index(top_blocks(scores, share, cfg.span) + first, cfg, e)])
             idx = idx.to(self.device)
             # memory keys sit n_local positions before this step's first query (one SDPA call for the
             # whole step; at question time, where T is small, each query reads them at exactly n_local)
-            cos_g, sin_g = self.base.rope(torch.tensor([s - w0 - cfg.n_local], device=self.device), self.dtype)
+            offset = idx % cfg.block_size if cfg.memory_positions == "block" else torch.zeros_like(idx)
+            cos_g, sin_g = self.base.rope(s - w0 - cfg.n_local + offset, self.dtype)
             keys = torch.cat([apply_rope(self.k[i][:, idx], cos_g, sin_g), keys], dim=1)
             values = torch.cat([self.v[i][:, idx], values], dim=1)
             s_g = idx.numel()
@@ -324,6 +325,8 @@ class BlockMemory:
             hi = self.w0 // B if d == len(states) - 1 else st.n_blocks
             self.pool.extend((d, j) for j in range(lo, hi))
         self.has_memory = bool(self.pool) or len(states) > 1 or self.w0 > 0
+        # follows[p]: pool entry p + 1 is the next block of the same document
+        self._follows = torch.tensor([a[0] == b[0] and b[1] == a[1] + 1 for a, b in zip(self.pool, self.pool[1:])] + [False])
         self._pool_ranges = [(min((j for dd, j in self.pool if dd == d), default=0),
                               max((j + 1 for dd, j in self.pool if dd == d), default=0)) for d in range(len(states))]
         self.init_tokens = min(cfg.n_init, states[0].length) if self.has_memory else 0
@@ -331,6 +334,7 @@ class BlockMemory:
         self.stats = [RunningStats.pooled([st.stats[i] for st in states]) for i in range(c.n_layer)]
         self.weights = torch.stack([st.entropy for st in states]).mean(0).tolist()
         self.cos_n, self.sin_n = _fixed_angle(base, cfg.n_local, self.dtype, self.device)
+        self._cos_b, self._sin_b = base.rope(torch.arange(max(cfg.block_size, cfg.n_init), device=self.device), self.dtype)
         self.selected: list[torch.Tensor | None] = [None] * c.n_layer
         self._kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * c.n_layer
         self._entropies: list[float | None] = [None] * c.n_layer
@@ -405,7 +409,7 @@ class BlockMemory:
             else:
                 scores = block_scores(probe, self.reprs[layer], self.groups, self.cfg.score)
             self._entropies[layer] = normalised_entropy(scores, self.cfg.entropy_temperature)
-            chosen = top_blocks(scores, self._shares[layer])
+            chosen = top_blocks(scores, self._shares[layer], self.cfg.span, self._follows)
         self.selected[layer] = chosen
         ks, vs = [], []
         first = self.states[0]
@@ -417,8 +421,10 @@ class BlockMemory:
             end = min((j + 1) * B, st.length)
             ks.append(st.k[layer].read(j * B, end))
             vs.append(st.v[layer].read(j * B, end))
-        self._kv[layer] = (torch.cat([k.to(self.device, self.dtype) for k in ks], 1),
-                           torch.cat([v.to(self.device, self.dtype) for v in vs], 1))
+        keys = [k.to(self.device, self.dtype) for k in ks]
+        if self.cfg.memory_positions == "block":  # order inside each block: key t at position t
+            keys = [apply_rope(k, self._cos_b[: k.shape[1]], self._sin_b[: k.shape[1]]) for k in keys]
+        self._kv[layer] = (torch.cat(keys, 1), torch.cat([v.to(self.device, self.dtype) for v in vs], 1))
         if self.tracking:
             B = self.cfg.block_size
             src = [self._source_ids(0, torch.arange(self.init_tokens))]

@@ -40,6 +40,12 @@ class ActQKVConfig:
     budget: int = 24  # retrieved blocks per layer on average; the layers' total is budget * L
     min_blocks: int = 8  # per-layer clamps of the entropy-driven shares
     max_blocks: int = 48
+    # positions of memory keys: "block" keeps the order inside each block (key t of a block at distance
+    # n_local - t from the query), "none" reads every memory key at distance n_local (InfLLM). The same
+    # answers on the dev needles (docs/design.md), so the default stays InfLLM's
+    memory_positions: str = "none"
+    span: int = 1  # blocks read per retrieved block: it and the span - 1 after it (a fact cut by a boundary;
+    # span 2 gave 3/6 dev needles, as span 1)
     repr_topk: int = 4  # a block's representative: mean key of its most-attended tokens (per KV head)
     # decoded tokens between re-retrievals; 0: the prompt's selection serves the whole answer (measured
     # best: a single decoded token is a poor probe, docs/benchmarks.md "actqkv-dev")
@@ -59,7 +65,7 @@ class ActQKVConfig:
 
     def __post_init__(self) -> None:
         positive = ("block_size", "n_init", "n_local", "exec_block", "budget", "min_blocks", "max_blocks",
-                    "repr_topk")
+                    "repr_topk", "span")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"actqkv {name} must be >= 1, got {getattr(self, name)}")
@@ -74,6 +80,8 @@ class ActQKVConfig:
                               f"{self.budget}, {self.max_blocks}")
         if self.repr_topk > self.block_size:
             raise ConfigError(f"actqkv repr_topk={self.repr_topk} exceeds block_size={self.block_size}")
+        if self.memory_positions not in ("block", "none"):
+            raise ConfigError(f"actqkv memory_positions {self.memory_positions!r}: use block or none")
         if self.score not in ("cosine", "dot", "max_token"):
             raise ConfigError(f"actqkv score {self.score!r}: use cosine, dot or max_token")
         for name in ("probe", "encode_probe"):
@@ -255,9 +263,26 @@ def allocate_budget(weights: list[float], total: int, lo: list[int], hi: list[in
     return out
 
 
-def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k best blocks, in document order (the gathered K/V keep the text's order)."""
-    k = min(k, scores.numel())
+def top_blocks(scores: torch.Tensor, k: int, span: int = 1, follows: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of k blocks in document order (the gathered K/V keep the text's order): the best ones,
+    each with the `span - 1` blocks after it (`follows[i]`: block i + 1 continues block i's text)
+    while they fit k, then the next best."""
+    n = scores.numel()
+    k = min(k, n)
     if k <= 0:
         return torch.zeros(0, dtype=torch.long)
-    return scores.topk(k).indices.sort().values.cpu()
+    if span == 1:
+        return scores.topk(k).indices.sort().values.cpu()
+    chosen: list[int] = []
+    seen: set[int] = set()
+    for i in scores.argsort(descending=True).tolist():
+        run = [i]
+        while len(run) < span and run[-1] + 1 < n and (follows is None or bool(follows[run[-1]])):
+            run.append(run[-1] + 1)
+        for j in run:
+            if j not in seen and len(chosen) < k:
+                seen.add(j)
+                chosen.append(j)
+        if len(chosen) >= k:
+            break
+    return torch.tensor(sorted(chosen), dtype=torch.long)

@@ -226,3 +226,21 @@ def test_the_config_is_validated_and_its_fingerprint_covers_the_encoding_knobs()
     assert ActQKVConfig(encode_probe="mean").fingerprint("ckpt", "v1") != base
     assert ActQKVConfig().fingerprint("other", "v1") != base and ActQKVConfig().fingerprint("ckpt", "v2") != base
     assert ActQKVConfig.from_dict(ActQKVConfig(budget=30).to_dict()) == ActQKVConfig(budget=30)
+
+
+def test_spans_take_following_blocks_of_the_same_document_within_the_budget():
+    scores = torch.tensor([0.0, 5.0, 0.0, 0.0, 4.0, 0.0])
+    assert top_blocks(scores, 4, span=2).tolist() == [1, 2, 4, 5]
+    follows = torch.tensor([True, False, True, True, True, False])  # block 2 starts another document
+    assert top_blocks(scores, 3, span=2, follows=follows).tolist() == [1, 4, 5]
+    assert top_blocks(scores, 2, span=3).tolist() == [1, 2]
+
+
+def test_block_positions_keep_the_order_inside_retrieved_blocks(tiny_base):
+    cfg = dict(SMALL, n_local=64)
+    ids, suffix = random_ids(500, seed=9).tolist(), random_ids(4, seed=10).tolist()
+    plain = encode_stream(tiny_base, ids, ActQKVConfig(**cfg))
+    ordered = encode_stream(tiny_base, ids, ActQKVConfig(**cfg, memory_positions="block"))
+    assert not torch.equal(plain.k[1].read(0, 500), ordered.k[1].read(0, 500))  # memory is read differently
+    a = _answer_logits(tiny_base, [ordered], suffix)[0]
+    assert torch.isfinite(a).all()
