@@ -58,7 +58,7 @@ def needle_grid(run: Run, engines: tuple[str, ...], lengths: list[int], depths: 
     return out
 
 
-def _ask_pdfs(run: Run, engines: tuple[str, ...], items_by_pdf: dict, record) -> list[dict]:
+def _ask_pdfs(run: Run, engines: tuple[str, ...], items_by_pdf: dict, record, name: str) -> list[dict]:
     """Ingests each PDF once through the app's services and asks its items with every engine;
     `record(item, engine, answer)` turns one answer into a result row."""
     from app.services.qa import AnswerSettings
@@ -83,9 +83,18 @@ def _ask_pdfs(run: Run, engines: tuple[str, ...], items_by_pdf: dict, record) ->
                                     "ttft_s": ans.timings["ttft_s"], "cited_pages": [c["page"] for c in ans.citations],
                                     **record(item, ans)})
                         log.info("QA %s %s: %s", item.id, engine, bool(out[-1]["correct"]))
+                _keep_partial(run, name, out)
         finally:
             ctx.close()
     return out
+
+
+def _keep_partial(run: Run, name: str, rows: list[dict]) -> None:
+    """Rows so far, after each PDF, so a long run stopped early keeps what it measured."""
+    import json
+
+    run.raw_dir.mkdir(parents=True, exist_ok=True)
+    (run.raw_dir / f"quality{run.key_suffix}.{name}.partial.json").write_text(json.dumps(rows, indent=1, default=str))
 
 
 def real_qa(run: Run, engines: tuple[str, ...], pdf_ids: list[str] | None, limit: int | None) -> list[dict]:
@@ -108,7 +117,7 @@ def real_qa(run: Run, engines: tuple[str, ...], pdf_ids: list[str] | None, limit
                 "correct": contains_match(ans.answer, item.answers), "f1": f1_score(ans.answer, item.answers),
                 "gold": item.answers, "cites_evidence_page": any(c["page"] == item.page for c in ans.citations)}
 
-    return _ask_pdfs(run, engines, by_pdf, record)
+    return _ask_pdfs(run, engines, by_pdf, record, "qa")
 
 
 def multi_passage_qa(run: Run, engines: tuple[str, ...], pdf_ids: list[str] | None,
@@ -122,7 +131,8 @@ def multi_passage_qa(run: Run, engines: tuple[str, ...], pdf_ids: list[str] | No
     by_pdf = {p: [i for i in items if i.pdf == p][:limit] for p in pdf_ids if any(i.pdf == p for i in items)}
     return _ask_pdfs(run, engines, by_pdf, lambda item, ans: {
         "kind": item.kind, "correct": score_multi(item, ans.answer), "gold": item.answers,
-        "cites_evidence_page": any(c["page"] in item.pages for c in ans.citations) if item.evidence else None})
+        "cites_evidence_page": any(c["page"] in item.pages for c in ans.citations) if item.evidence else None},
+        "multi")
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
