@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from model.testing import make_shared, random_transformer, tiny_config
-from model.train.loop import TrainConfig, fit_steps_to_budget, lr_at, train
+from train.loop import TrainConfig, fit_steps_to_budget, lr_at, train
 
 
 class _Tok:
@@ -57,7 +57,7 @@ def test_export_casts_to_bf16_keeps_metadata_and_adds_the_warning(tmp_path):
 
     from model.sharedllm import SharedLLM
     from model.testing import make_shared, random_transformer, tiny_config
-    from model.train.export import export_weights
+    from train.export import export_weights
 
     shared = make_shared(random_transformer(tiny_config(vocab_size=128)), init_mode="copy")
     shared.save_pretrained(tmp_path / "run", extra={"steps": 7})
@@ -97,7 +97,7 @@ def test_training_refuses_shards_tokenized_for_another_model(tiny_model):
     must not be trained on it silently."""
     import pytest
 
-    from model.train.cli import check_shards_match
+    from train.cli import check_shards_match
 
     vocab = len(tiny_model.tokenizer)  # SmolLM2's tokenizer (model.testing)
     check_shards_match({"tokenizer": tiny_model.name, "vocab_size": vocab}, tiny_model, "shards")

@@ -1,4 +1,4 @@
-"""`sharedllm train` / `python -m model.train`: train SharedLLM weights for a base model."""
+"""`sharedllm train` / `python -m train`: train SharedLLM weights for a base model."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--train-data", required=True, help="shard directory (python -m model.train.data)")
+    parser.add_argument("--train-data", required=True, help="shard directory (python -m train.data)")
     parser.add_argument("--eval-data", help="held-out shard directory")
     parser.add_argument("--out", required=True, help="output directory (checkpoint/, loss.png, weights)")
     parser.add_argument("--base-model", default=None,
                         help="bundled name (default: qwen2.5-0.5b; smollm2), checkpoint directory or .gguf; "
-                             "the training shards must be tokenized for it (python -m model.train.data --model)")
+                             "the training shards must be tokenized for it (python -m train.data --model)")
     parser.add_argument("--init-weights", default=None, help="start from these SharedLLM weights")
     parser.add_argument("--init-mode", default="zero", choices=["zero", "copy"])
     parser.add_argument("--retrieval-vector", default=None, choices=["last", "mean"],
@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, data_dir: Path) -> Path:
     from model.runtime import load_model
-    from model.train.data.pack import ShardReader
-    from model.train.loop import TrainConfig, train
+    from train.data.pack import ShardReader
+    from train.loop import TrainConfig, train
 
     # float32 master weights everywhere; the loop runs CUDA compute under bfloat16 autocast
     overrides = {} if args.init_weights else {"init_mode": args.init_mode}
@@ -72,13 +72,13 @@ def check_shards_match(manifest: dict, lm, path) -> None:
     if vocab != len(lm.tokenizer) or (made_for and made_for != lm.name):
         raise SystemExit(
             f"{path} was tokenized for {made_for} (vocabulary {vocab}), not for {lm.name} "
-            f"(vocabulary {len(lm.tokenizer)}): make shards with `python -m model.train.data --model ...` "
+            f"(vocabulary {len(lm.tokenizer)}): make shards with `python -m train.data --model ...` "
             "or pass --base-model for the model they were made for"
         )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     parser.add_argument("--data-dir", default="data")
     add_arguments(parser)
     args = parser.parse_args(argv)
