@@ -104,8 +104,13 @@ def item_loss(model: SharedLLM, item: dict, tokenizer, cfg: TrainConfig,
 
 @torch.no_grad()
 def evaluate(model: SharedLLM, items: list[dict], tokenizer, cfg: TrainConfig) -> float:
+    """Mean held-out target loss; the model's train/eval mode is restored afterwards (the decoder
+    recomputes layers in backward only in training mode: leaving it in eval mode silently turned
+    gradient checkpointing off for the rest of the run)."""
+    was_training = model.training
     model.eval()
     losses = [float(item_loss(model, it, tokenizer, cfg, None)) for it in items]
+    model.train(was_training)
     return sum(losses) / max(1, len(losses))
 
 
@@ -201,6 +206,7 @@ def train(model: SharedLLM, tokenizer, train_items, eval_items: list[dict], cfg:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     start, history = load_checkpoint(model, optimizer, params, cfg)
     model.base.gradient_checkpointing = cfg.gradient_checkpointing
+    model.train()  # loaders hand out eval-mode models; checkpointing needs training mode
     generator = torch.Generator().manual_seed(cfg.seed)
     order = list(range(len(train_items)))
     rng.shuffle(order)

@@ -103,3 +103,24 @@ def test_training_refuses_shards_tokenized_for_another_model(tiny_model):
     check_shards_match({"tokenizer": tiny_model.name, "vocab_size": vocab}, tiny_model, "shards")
     with pytest.raises(SystemExit, match="tokenized for Qwen2.5-Coder-0.5B-Instruct"):
         check_shards_match({"tokenizer": "Qwen2.5-Coder-0.5B-Instruct", "vocab_size": 151665}, tiny_model, "shards")
+
+
+def test_gradient_checkpointing_stays_on_after_evaluation(tmp_path, monkeypatch):
+    """Regression: the loop never put the model back in training mode after `evaluate()` (and loaders
+    hand out eval-mode models), so the decoder's checkpointing branch was never taken."""
+    import model.decoder as decoder
+
+    calls = []
+    real = decoder.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "checkpoint", counting)
+    model = make_shared(random_transformer(tiny_config(vocab_size=128), seed=0), init_mode="zero")
+    cfg = TrainConfig(out=tmp_path, steps=4, lr=1e-3, warmup=1, grad_accum=1, eval_every=2, save_every=100,
+                      gradient_checkpointing=True)
+    train(model, _Tok(), _items(4), _items(2, seed=1), cfg)
+    # every training forward (4 steps x 1 item) recomputes each of the 4 layers; evaluation never does
+    assert len(calls) == 4 * model.base.config.n_layer
