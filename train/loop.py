@@ -1,9 +1,12 @@
 """The SharedLLM training loop: teaches the cross-attention blocks to read the context tree.
 
-Only `xattn` trains (optionally the upper model's top layers, `--train-top-layers`). Each step
-takes one item: its context is encoded into a tree (no gradient; split noise as in the paper), the
-memory is built with the query-aware policy (question items) or the language-modelling policy,
-and the loss is next-token cross-entropy on the target tokens only. AdamW, linear warm-up then
+Only `xattn` trains (optionally the upper model's top layers, `--train-top-layers`). Two paths give
+the same loss (`tests/train/test_batched.py`): the per-item path (`batch_items=0`, one item per
+forward: its context is encoded into a tree without gradient, split noise as in the paper, the
+memory built with the query-aware policy for question items or the language-modelling policy) and
+the batched path (`batch_items=B`, `train.batched`: B items per forward). The loss is next-token
+cross-entropy on the target tokens only. The recipe (`train.recipe.Recipe`) adds a dense LM stage
+before the data's QA mix. AdamW (fused on CUDA), linear warm-up then
 cosine decay, gradient accumulation, gradient checkpointing, periodic held-out evaluation, resumable
 checkpoints (safetensors + JSON, no pickle), a loss curve PNG.
 """
@@ -15,7 +18,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +26,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from model.sharedllm import SharedLLM
+from train.batched import batch_loss
+from train.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,15 @@ class TrainConfig:
     # the budget; past the budget training stops and saves
     time_budget_s: float | None = None
     calibration_steps: int = 20
+    batch_items: int = 0  # items per forward (train.batched); 0 = the per-item path, one item per forward
+    pad_multiple: int = 1  # pad node and running-text lengths to multiples of this (repeating shapes for compile)
+    compile: bool = False  # torch.compile the decoder layers and cross-attention blocks (batched path)
+    reading_gap: bool = True  # also evaluate with another item's document (the loss gap reading buys)
+    recipe: Recipe = field(default_factory=Recipe)
+
+    @property
+    def items_per_step(self) -> int:
+        return self.grad_accum * max(1, self.batch_items)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -102,21 +116,101 @@ def item_loss(model: SharedLLM, item: dict, tokenizer, cfg: TrainConfig,
     return F.cross_entropy(logits.float(), labels)
 
 
+def prompt_question(item: dict, tokenizer) -> list[int] | None:
+    return question_ids([int(t) for t in item["prompt_ids"]], tokenizer)
+
+
 @torch.no_grad()
-def evaluate(model: SharedLLM, items: list[dict], tokenizer, cfg: TrainConfig) -> float:
-    """Mean held-out target loss; the model's train/eval mode is restored afterwards (the decoder
-    recomputes layers in backward only in training mode: leaving it in eval mode silently turned
-    gradient checkpointing off for the rest of the run)."""
+def item_losses(model: SharedLLM, items: list[dict], tokenizer, cfg: TrainConfig) -> list[float]:
+    """Held-out target loss of every item (no split noise). The model's train/eval mode is restored
+    afterwards: the decoder recomputes layers in backward only in training mode, and leaving it in
+    eval mode once silently turned gradient checkpointing off for the rest of the run."""
     was_training = model.training
     model.eval()
-    losses = [float(item_loss(model, it, tokenizer, cfg, None)) for it in items]
+    if cfg.batch_items:
+        losses = []
+        for i in range(0, len(items), cfg.batch_items):
+            chunk = items[i:i + cfg.batch_items]
+            questions = [prompt_question(it, tokenizer) for it in chunk]
+            losses += batch_loss(model, chunk, questions, cfg.max_context_tokens, None, cfg.pad_multiple)[1].tolist()
+    else:
+        losses = [float(item_loss(model, it, tokenizer, cfg, None)) for it in items]
     model.train(was_training)
+    return losses
+
+
+def evaluate(model: SharedLLM, items: list[dict], tokenizer, cfg: TrainConfig) -> float:
+    """Mean held-out target loss."""
+    losses = item_losses(model, items, tokenizer, cfg)
     return sum(losses) / max(1, len(losses))
+
+
+def reading_gap(model: SharedLLM, items: list[dict], tokenizer, cfg: TrainConfig) -> dict:
+    """Held-out loss with each item's own document in the memory vs the next item's (cyclically):
+    what reading buys. Equal losses mean the cross-attention learnt something document-independent
+    (answer format, a bias), not to read. Returns own, other, gap (other - own, nats) overall and
+    per task."""
+    if len(items) < 2:
+        raise ValueError("the reading gap needs at least two items (one lends the other its document)")
+    swapped = [{**it, "context_ids": items[(k + 1) % len(items)]["context_ids"]} for k, it in enumerate(items)]
+    own, other = item_losses(model, items, tokenizer, cfg), item_losses(model, swapped, tokenizer, cfg)
+
+    def summary(rows: list[int]) -> dict:
+        o, x = sum(own[r] for r in rows) / len(rows), sum(other[r] for r in rows) / len(rows)
+        return {"items": len(rows), "own": o, "other": x, "gap": x - o}
+
+    tasks: dict[str, list[int]] = {}
+    for k, it in enumerate(items):
+        tasks.setdefault(str(it.get("task", "?")), []).append(k)
+    return {**summary(list(range(len(items)))), "tasks": {t: summary(rows) for t, rows in sorted(tasks.items())}}
+
+
+def evaluation_entry(model: SharedLLM, items: list[dict], tokenizer, cfg: TrainConfig, step: int) -> dict:
+    if cfg.reading_gap and len(items) >= 2:
+        gap = reading_gap(model, items, tokenizer, cfg)
+        entry = {"step": step, "eval_loss": gap["own"], "eval_loss_other": gap["other"], "reading_gap": gap["gap"]}
+    else:
+        entry = {"step": step, "eval_loss": evaluate(model, items, tokenizer, cfg)}
+    log.info("step %d held-out %s", step, {k: round(v, 4) for k, v in entry.items() if k != "step"})
+    return entry
+
+
+class ItemStream:
+    """The training items in the run's shuffled order, through the recipe's stages: the first
+    `lm_stage_items` are dense LM views, then items of `stage2_tasks` (all tasks by default).
+    `cursor` (saved in the checkpoint) counts items taken from the order."""
+
+    def __init__(self, items, cfg: TrainConfig, chunk_len: int, tokenizer, cursor: int = 0) -> None:
+        self.items, self.recipe, self.chunk_len, self.tokenizer = items, cfg.recipe, chunk_len, tokenizer
+        self.order = list(range(len(items)))
+        random.Random(cfg.seed).shuffle(self.order)
+        self.cursor = cursor
+        self._questions: dict[int, list[int] | None] = {}
+
+    def take(self, n: int) -> tuple[list[dict], list[list[int] | None]]:
+        batch, questions = [], []
+        for _ in range(100 * n):
+            if len(batch) == n:
+                break
+            index = self.order[self.cursor % len(self.order)]
+            self.cursor += 1
+            item = self.items[index]
+            if self.cursor <= self.recipe.lm_stage_items:
+                batch.append(self.recipe.dense_lm_view(item, random.Random(f"lm:{self.cursor}"), self.chunk_len))
+                questions.append(None)
+            elif self.recipe.stage2_tasks is None or item.get("task") in self.recipe.stage2_tasks:
+                if index not in self._questions:
+                    self._questions[index] = prompt_question(item, self.tokenizer)
+                batch.append(item)
+                questions.append(self._questions[index])
+        if len(batch) < n:
+            raise ValueError(f"no items of tasks {self.recipe.stage2_tasks} in the training data")
+        return batch, questions
 
 
 # --- checkpoints (safetensors + JSON) --------------------------------------------------------------
 def save_checkpoint(model: SharedLLM, optimizer: torch.optim.Optimizer, step: int, history: list, cfg: TrainConfig,
-                    params: list[torch.nn.Parameter]) -> None:
+                    params: list[torch.nn.Parameter], cursor: int | None = None) -> None:
     ckpt = cfg.out / "checkpoint"
     tmp = cfg.out / "checkpoint.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -131,8 +225,8 @@ def save_checkpoint(model: SharedLLM, optimizer: torch.optim.Optimizer, step: in
         top = {k: v.detach().cpu().contiguous() for k, v in model.base.layers[-cfg.train_top_layers:].state_dict().items()}
         save_file(top, str(tmp / "top_layers.safetensors"))
     save_file(opt_state or {"empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
-    (tmp / "trainer.json").write_text(json.dumps({"step": step, "history": history, "config": asdict(cfg)},
-                                                 default=str, indent=1))
+    (tmp / "trainer.json").write_text(json.dumps({"step": step, "cursor": cursor, "history": history,
+                                                  "config": asdict(cfg)}, default=str, indent=1))
     if ckpt.exists():
         for f in ckpt.iterdir():
             f.unlink()
@@ -140,10 +234,11 @@ def save_checkpoint(model: SharedLLM, optimizer: torch.optim.Optimizer, step: in
     tmp.rename(ckpt)
 
 
-def load_checkpoint(model: SharedLLM, optimizer, params, cfg: TrainConfig) -> tuple[int, list]:
+def load_checkpoint(model: SharedLLM, optimizer, params, cfg: TrainConfig) -> tuple[int, list, int]:
+    """-> (step, history, items taken from the stream); (0, [], 0) without a checkpoint."""
     ckpt = cfg.out / "checkpoint"
     if not (ckpt / "trainer.json").is_file():
-        return 0, []
+        return 0, [], 0
     model.load_cross_attention(ckpt)
     if (ckpt / "top_layers.safetensors").is_file():
         model.base.layers[-cfg.train_top_layers:].load_state_dict(load_file(str(ckpt / "top_layers.safetensors")))
@@ -153,7 +248,8 @@ def load_checkpoint(model: SharedLLM, optimizer, params, cfg: TrainConfig) -> tu
             optimizer.state[p] = {key: opt_state[f"{i}.{key}"].to(p.device) for key in ("exp_avg", "exp_avg_sq", "step")}
     info = json.loads((ckpt / "trainer.json").read_text())
     log.info("resumed from step %d", info["step"])
-    return int(info["step"]), info["history"]
+    cursor = info.get("cursor")
+    return int(info["step"]), info["history"], int(cursor if cursor is not None else info["step"] * cfg.items_per_step)
 
 
 def plot_history(history: list[dict], path: Path, title: str) -> None:
@@ -173,6 +269,9 @@ def plot_history(history: list[dict], path: Path, title: str) -> None:
         ax.plot(steps, smooth, label=f"train (moving avg {window})")
     if held:
         ax.plot(*zip(*held), "o-", label="held-out")
+    other = [(h["step"], h["eval_loss_other"]) for h in history if "eval_loss_other" in h]
+    if other:
+        ax.plot(*zip(*other), "x--", label="held-out, another item's document")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy on target tokens")
     ax.set_title(title, fontsize=9)
@@ -196,32 +295,53 @@ def fit_steps_to_budget(cfg: TrainConfig, step: int, elapsed: float, start: int,
         cfg.steps = fit
 
 
+def compile_blocks(model: SharedLLM) -> None:
+    """torch.compile every decoder layer and cross-attention block in place (dynamic shapes; with
+    `pad_multiple` the shapes repeat). Optional: not measured on a GPU yet."""
+    for module in [*model.base.layers, *model.xattn]:
+        module.compile(dynamic=True)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    fused = bool(params) and all(p.is_cuda for p in params)  # one kernel for all parameters
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=fused)
+
+
+def micro_batch_loss(model: SharedLLM, stream: ItemStream, tokenizer, cfg: TrainConfig,
+                     generator: torch.Generator) -> torch.Tensor:
+    """The loss of one micro-batch (a tensor: nothing here waits for the device)."""
+    if cfg.batch_items:
+        items, questions = stream.take(cfg.batch_items)
+        return batch_loss(model, items, questions, cfg.max_context_tokens, generator, cfg.pad_multiple)[0]
+    (item,), _ = stream.take(1)
+    return item_loss(model, item, tokenizer, cfg, generator)
+
+
 def train(model: SharedLLM, tokenizer, train_items, eval_items: list[dict], cfg: TrainConfig,
           title: str = "SharedLLM training") -> list[dict]:
     """Runs (or resumes) training; returns the loss history. `train_items` supports len/indexing."""
     cfg.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
     params = trainable_parameters(model, cfg.train_top_layers)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    start, history = load_checkpoint(model, optimizer, params, cfg)
+    optimizer = make_optimizer(params, cfg)
+    start, history, cursor = load_checkpoint(model, optimizer, params, cfg)
+    cfg.recipe.save(cfg.out / "recipe.json")
     model.base.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()  # loaders hand out eval-mode models; checkpointing needs training mode
+    if cfg.compile:
+        compile_blocks(model)
     generator = torch.Generator().manual_seed(cfg.seed)
-    order = list(range(len(train_items)))
-    rng.shuffle(order)
-    cursor = start * cfg.grad_accum
+    stream = ItemStream(train_items, cfg, model.config.chunk_len, tokenizer, cursor)
     started = time.perf_counter()
     if start == 0 and eval_items:  # the starting point (for `zero` init: the base model without context)
-        history.append({"step": 0, "eval_loss": evaluate(model, eval_items, tokenizer, cfg)})
-        log.info("step 0 held-out loss %.4f", history[-1]["eval_loss"])
+        history.append(evaluation_entry(model, eval_items, tokenizer, cfg, 0))
     step = start
     requested_steps = cfg.steps
     while step < cfg.steps:
         if cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s:
             log.warning("time budget of %.0f s spent at step %d of %d: stopping", cfg.time_budget_s, step, cfg.steps)
             cfg.steps = step
-            save_checkpoint(model, optimizer, step, history, cfg, params)
+            save_checkpoint(model, optimizer, step, history, cfg, params, stream.cursor)
             plot_history(history, cfg.out / "loss.png", title)
             break
         if cfg.time_budget_s is not None and step > start and (step - start) % cfg.calibration_steps == 0:
@@ -232,24 +352,21 @@ def train(model: SharedLLM, tokenizer, train_items, eval_items: list[dict], cfg:
             fit_steps_to_budget(cfg, step, now, start, per_step=window, ceiling=requested_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        total = 0.0
+        total = torch.zeros(())
         for _ in range(cfg.grad_accum):
-            item = train_items[order[cursor % len(order)]]
-            cursor += 1
-            loss = item_loss(model, item, tokenizer, cfg, generator) / cfg.grad_accum
+            loss = micro_batch_loss(model, stream, tokenizer, cfg, generator) / cfg.grad_accum
             loss.backward()
-            total += float(loss.detach())
+            total = total.to(loss.device) + loss.detach()
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "loss": total, "lr": lr_at(step, cfg),
-                        "elapsed_s": round(time.perf_counter() - started, 1)})
-        log.info("step %d loss %.4f lr %.2e", step + 1, total, lr_at(step, cfg))
+        history.append({"step": step + 1, "loss": float(total), "lr": lr_at(step, cfg),  # one host sync per step
+                        "items": (step + 1) * cfg.items_per_step, "elapsed_s": round(time.perf_counter() - started, 1)})
+        log.info("step %d loss %.4f lr %.2e", step + 1, history[-1]["loss"], lr_at(step, cfg))
         if eval_items and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            history.append({"step": step + 1, "eval_loss": evaluate(model, eval_items, tokenizer, cfg)})
-            log.info("step %d held-out loss %.4f", step + 1, history[-1]["eval_loss"])
+            history.append(evaluation_entry(model, eval_items, tokenizer, cfg, step + 1))
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(model, optimizer, step + 1, history, cfg, params)
+            save_checkpoint(model, optimizer, step + 1, history, cfg, params, stream.cursor)
             plot_history(history, cfg.out / "loss.png", title)
         step += 1
     model.base.gradient_checkpointing = False
