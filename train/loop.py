@@ -178,16 +178,39 @@ def evaluation_entry(model: SharedLLM, items: list[dict], tokenizer, cfg: TrainC
 class ItemStream:
     """The training items in the run's shuffled order, through the recipe's stages: the first
     `lm_stage_items` are dense LM views, then items of `stage2_tasks` (all tasks by default).
-    `cursor` (saved in the checkpoint) counts items taken from the order."""
+    `cursor` (saved in the checkpoint) counts items taken from the order.
 
-    def __init__(self, items, cfg: TrainConfig, chunk_len: int, tokenizer, cursor: int = 0) -> None:
+    Micro-batches of n > 1 items are bucketed: `bucket_pool` x n items are drawn, sorted by
+    running-text and context length and cut into micro-batches served in random order, so a
+    batch's padding stays small (a 20-token question padded to a 2K-token LM item would cost as
+    much as the LM item). A pool never straddles the end of the LM stage. Resuming drops what was
+    left in the pool."""
+
+    def __init__(self, items, cfg: TrainConfig, chunk_len: int, tokenizer, cursor: int = 0,
+                 bucket_pool: int = 8) -> None:
         self.items, self.recipe, self.chunk_len, self.tokenizer = items, cfg.recipe, chunk_len, tokenizer
         self.order = list(range(len(items)))
-        random.Random(cfg.seed).shuffle(self.order)
-        self.cursor = cursor
+        self.rng = random.Random(cfg.seed)
+        self.rng.shuffle(self.order)
+        self.cursor, self.bucket_pool = cursor, bucket_pool
         self._questions: dict[int, list[int] | None] = {}
+        self._ready: list[tuple[list[dict], list[list[int] | None]]] = []
 
     def take(self, n: int) -> tuple[list[dict], list[list[int] | None]]:
+        if n == 1 or self.bucket_pool <= 1:
+            return self._draw(n)
+        if not self._ready:
+            size = n * self.bucket_pool
+            if self.cursor < self.recipe.lm_stage_items:  # a pool never straddles the end of the LM stage
+                size = min(size, -(-(self.recipe.lm_stage_items - self.cursor) // n) * n)
+            pool = list(zip(*self._draw(size)))
+            pool.sort(key=lambda pair: (len(pair[0]["prompt_ids"]) + len(pair[0]["target_ids"]),
+                                        len(pair[0]["context_ids"])))
+            self._ready = [tuple(map(list, zip(*pool[i:i + n]))) for i in range(0, len(pool), n)]
+            self.rng.shuffle(self._ready)
+        return self._ready.pop()
+
+    def _draw(self, n: int) -> tuple[list[dict], list[list[int] | None]]:
         batch, questions = [], []
         for _ in range(100 * n):
             if len(batch) == n:

@@ -140,7 +140,7 @@ def test_batched_training_reduces_loss_and_records_the_reading_gap(tmp_path):
     assert evals[0]["reading_gap"] == 0.0  # zero init: the memory adds nothing, whichever document
     assert [h["items"] for h in history if "loss" in h][-1] == 20 * 4
     saved = json.loads((tmp_path / "checkpoint" / "trainer.json").read_text())
-    assert saved["cursor"] == 80 and saved["config"]["batch_items"] == 4
+    assert saved["cursor"] == 3 * 8 * 4 and saved["config"]["batch_items"] == 4  # pools of 8 micro-batches
     assert json.loads((tmp_path / "recipe.json").read_text())["key_rotation"] == "node_and_chunk"
 
 

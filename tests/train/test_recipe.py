@@ -88,3 +88,14 @@ def test_none_init_is_random_and_small():
     for block in shared.xattn:
         assert 0.01 < float(block.o_proj.weight.std()) < 0.03 and float(block.q_proj.weight.std()) < 0.03
         assert torch.equal(block.norm.weight, torch.ones_like(block.norm.weight))
+
+
+def test_micro_batches_are_bucketed_by_running_text_length():
+    items = [_item(task, 600, k) for k, task in enumerate(["lm", "needle"] * 16)]
+    for it in items:
+        if it["task"] == "lm":
+            it["target_ids"] = np.arange(300)
+    stream = ItemStream(items, TrainConfig(out=None), chunk_len=512, tokenizer=_Tok(), bucket_pool=8)  # one pool: all 32
+    for _ in range(8):
+        batch, _ = stream.take(4)
+        assert len({it["task"] for it in batch}) == 1  # never a short question padded to an LM item
