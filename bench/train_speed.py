@@ -87,7 +87,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_paths(lm, items: list[dict], paths: list[tuple[str, int, bool]], rounds: int, checkpointing: bool) -> list[dict]:
+def time_paths(lm, items: list[dict], paths: list[tuple[str, int, bool, bool | None]], rounds: int,
+               checkpointing: bool) -> list[dict]:
     """Optimizer steps of `len(items)` items each, the paths interleaved round by round (a shared
     machine's load then hits every path alike); round 0 is a warm-up. The step is the loop's own:
     `train.loop.micro_batch_loss` per micro-batch, backward, clipping, fused-when-possible AdamW."""
@@ -99,9 +100,9 @@ def time_paths(lm, items: list[dict], paths: list[tuple[str, int, bool]], rounds
     model.base.gradient_checkpointing = checkpointing
     model.train()
     setups = []
-    for name, batched, compiled in paths:
+    for name, batched, compiled, bf16 in paths:
         cfg = TrainConfig(out=None, lr=1e-6, grad_accum=1 if batched else n, batch_items=n if batched else 0,
-                          compile=compiled)
+                          compile=compiled, bf16=bf16)
         setups.append((name, cfg, ItemStream(items, cfg, model.config.chunk_len, lm.tokenizer),
                        torch.Generator().manual_seed(0), make_optimizer(params, cfg)))
     times: dict[str, list[float]] = {name: [] for name, *_ in setups}
@@ -159,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else max(
         matmul_peak(lm.device, dtype) for dtype in (torch.float32, torch.bfloat16))
     wanted = args.paths.split(",")
-    paths = [(name, batched, compiled) for name, batched, compiled in
-             (("per-item (old loop)", 0, False), ("batched", 1, False), ("batched + compile", 1, True))
-             if name.split(" ")[0] in wanted and (args.compile or not compiled)]
+    cpu = lm.device.type == "cpu"
+    candidates = [("per-item (old loop)", 0, False, None), ("batched", 1, False, None)]
+    candidates += [("batched + bf16 autocast", 1, False, True)] if cpu else []
+    candidates += [("batched + compile", 1, True, None)] if args.compile else []
+    paths = [c for c in candidates if c[0].split(" ")[0] in wanted]
     rows = time_paths(lm, items, paths, args.steps, args.gradient_checkpointing)
     for row in rows:
         row["tflops"] = row["items_per_s"] * flops / 1e12

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="items per forward (the batched path, train/batched.py); 0 = one item per forward")
     speed.add_argument("--pad-multiple", type=int, default=1, help="pad lengths to multiples of this (with --compile)")
     speed.add_argument("--compile", action="store_true", help="torch.compile decoder layers and cross-attention")
+    speed.add_argument("--bf16-autocast", action="store_true",
+                       help="batched path on CPU: the upper model under bfloat16 autocast (always on CUDA)")
     speed.add_argument("--base-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                        help="the frozen base model's dtype; auto: bfloat16 on CUDA, float32 elsewhere "
                             "(the cross-attention keeps float32 master weights)")
@@ -110,7 +112,8 @@ def run(args: argparse.Namespace, data_dir: Path) -> Path:
                       train_top_layers=args.train_top_layers, max_context_tokens=args.max_context_tokens,
                       gradient_checkpointing=not args.no_gradient_checkpointing, seed=args.seed,
                       time_budget_s=args.time_budget_s, batch_items=args.batch_items, pad_multiple=args.pad_multiple,
-                      compile=args.compile, reading_gap=not args.no_reading_gap, recipe=recipe)
+                      compile=args.compile, bf16=True if args.bf16_autocast else None,
+                      reading_gap=not args.no_reading_gap, recipe=recipe)
     train(lm.model, lm.tokenizer, train_items, eval_items, cfg, title=f"SharedLLM on {lm.name}: {args.steps} steps")
     lm.model.save_pretrained(out / "weights", extra={"steps": cfg.steps, "items": cfg.steps * cfg.items_per_step,
                                                      "train_data": str(args.train_data), "recipe": recipe.to_json()})

@@ -57,6 +57,7 @@ class TrainConfig:
     batch_items: int = 0  # items per forward (train.batched); 0 = the per-item path, one item per forward
     pad_multiple: int = 1  # pad node and running-text lengths to multiples of this (repeating shapes for compile)
     compile: bool = False  # torch.compile the decoder layers and cross-attention blocks (batched path)
+    bf16: bool | None = None  # batched path: upper model under bf16 autocast (None: on CUDA only)
     reading_gap: bool = True  # also evaluate with another item's document (the loss gap reading buys)
     recipe: Recipe = field(default_factory=Recipe)
 
@@ -132,7 +133,8 @@ def item_losses(model: SharedLLM, items: list[dict], tokenizer, cfg: TrainConfig
         for i in range(0, len(items), cfg.batch_items):
             chunk = items[i:i + cfg.batch_items]
             questions = [prompt_question(it, tokenizer) for it in chunk]
-            losses += batch_loss(model, chunk, questions, cfg.max_context_tokens, None, cfg.pad_multiple)[1].tolist()
+            losses += batch_loss(model, chunk, questions, cfg.max_context_tokens, None, cfg.pad_multiple,
+                                 cfg.bf16)[1].tolist()
     else:
         losses = [float(item_loss(model, it, tokenizer, cfg, None)) for it in items]
     model.train(was_training)
@@ -335,7 +337,7 @@ def micro_batch_loss(model: SharedLLM, stream: ItemStream, tokenizer, cfg: Train
     """The loss of one micro-batch (a tensor: nothing here waits for the device)."""
     if cfg.batch_items:
         items, questions = stream.take(cfg.batch_items)
-        return batch_loss(model, items, questions, cfg.max_context_tokens, generator, cfg.pad_multiple)[0]
+        return batch_loss(model, items, questions, cfg.max_context_tokens, generator, cfg.pad_multiple, cfg.bf16)[0]
     (item,), _ = stream.take(1)
     return item_loss(model, item, tokenizer, cfg, generator)
 
