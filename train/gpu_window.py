@@ -183,6 +183,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> Path:
     from train.cli import run as train_run
 
     base = resolve_checkpoint(root / manifest["base"], work / "data")  # a GGUF is converted once, here
+    if args.speed_items:  # the per-item vs batched throughput on this machine, before training
+        from bench.train_speed import main as speed
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        speed(["--model", str(base), "--device", args.device, "--items", str(args.speed_items), "--steps", "3",
+               "--min-ctx", "1024", "--max-ctx", "8192", "--json", str(Path(args.out) / "train_speed.json")]
+              + (["--compile"] if args.speed_compile else []))
 
     run_dir = work / "run"
     argv = ["--train-data", str(root / "train"), "--out", str(run_dir), "--base-model", str(base),
@@ -278,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole call")
     p.add_argument("--reserve-s", type=float, default=60.0, help="kept for conversion, checkpoint and export")
     p.add_argument("--device", default="auto")
+    p.add_argument("--speed-items", type=int, default=0,
+                   help="first time both training paths with this many items per step (bench.train_speed)")
+    p.add_argument("--speed-compile", action="store_true", help="include the torch.compile variant in that timing")
     p.add_argument("--work", default=str(STASH / "work"))
     p = sub.add_parser("unpack", help="here: check and reassemble the returned parts into a weights directory")
     p.add_argument("source")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from model.testing import random_transformer, tiny_config
+from model.testing import write_tiny_checkpoint as tiny_checkpoint
 from train import gpu_window
 from train.data.pack import write_shards
 
 REPO = Path(__file__).resolve().parents[2]
-TOKENIZER = REPO / "build" / "test-data" / "models" / "SmolLM2-135M-Instruct"
 # project dependencies the GPU machine does not have (it has torch, transformers, safetensors, numpy,
 # matplotlib): the device side must never import them
 NOT_THERE = ["app", "storage", "bench", "gradio", "gradio_client", "sqlalchemy", "alembic", "pypdf", "bm25s",
@@ -37,23 +34,6 @@ runpy.run_module("train.gpu_window", run_name="__main__", alter_sys=True)
 """
 
 
-def tiny_checkpoint(path: Path) -> Path:
-    """A Hugging Face-layout directory of a tiny random LLaMA with SmolLM2's tokenizer."""
-    cfg = tiny_config()
-    model = random_transformer(cfg)
-    path.mkdir(parents=True)
-    save_file({f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": cfg.vocab_size, "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "hidden_size": cfg.dim,
-        "intermediate_size": cfg.intermediate_size, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "tie_word_embeddings": True, "max_position_embeddings": 8192}))
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (TOKENIZER / name).is_file():
-            shutil.copy(TOKENIZER / name, path / name)
-    return path
-
-
 def shard(path: Path, vocab: int, made_for: str, n: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     items = [{"context_ids": rng.integers(0, 1000, 700), "prompt_ids": np.array([], dtype=np.int64),
@@ -63,7 +43,7 @@ def shard(path: Path, vocab: int, made_for: str, n: int, seed: int) -> Path:
 
 
 def test_pack_train_there_and_unpack_round_trip(tmp_path, model_data_dir):
-    base = tiny_checkpoint(tmp_path / "tiny-llama")
+    base = tiny_checkpoint(tmp_path / "tiny-llama", model_data_dir)
     train_dir = shard(tmp_path / "train", 49152, "tiny-llama", 8, 0)
     heldout = shard(tmp_path / "heldout", 49152, "tiny-llama", 2, 1)
     wheel = tmp_path / "wheels" / "fake_pkg-1.0-py3-none-any.whl"  # stands in for the gguf wheel
