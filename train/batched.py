@@ -100,37 +100,44 @@ class Level:
 
 
 def encode_level(model: SharedLLM, tokens: torch.Tensor, nodes: dict[str, torch.Tensor], width: int,
-                 level: int) -> Level:
-    """All nodes of one level of all items through the lower model in one forward. `nodes`: the
-    level's device tensors from `Prepared` (live node ids, their starts and lengths), `width` the
-    padded node width (a host int: nothing here waits for the device)."""
+                 level: int, node_batch_tokens: int | None = None) -> Level:
+    """All nodes of one level of all items through the lower model, in forwards of at most
+    `node_batch_tokens` padded tokens (None: one forward; on a CPU, batches past ~16K tokens lose
+    more to cache misses than they gain). `nodes`: the level's device tensors from `Prepared` (live
+    node ids, their starts and lengths), `width` the padded node width (a host int: nothing here
+    waits for the device)."""
     cfg, base = model.config, model.base
     device = tokens.device
     compute = base.embed_tokens.weight.dtype
     c, n_nodes = nodes["shape"]
     live, node_len, node_start = nodes["live"], nodes["length"], nodes["start"]  # (n,) each
-    offsets = torch.arange(width, device=device)
-    inside = offsets < node_len[:, None]  # (n, W)
-    ids = tokens[(node_start[:, None] + offsets).clamp(max=tokens.numel() - 1)] * inside  # (n, W) right-padded
-    autocast = cfg.encode_dtype != "float32" and compute == torch.float32
-    with torch.no_grad(), torch.autocast(device.type, dtype=getattr(torch, cfg.encode_dtype), enabled=autocast):
-        keys, values, hidden1 = lower_forward(base, ids, cfg.n_inject_layers)  # (n, M, nkv, W, hd)
     slots, rate = cfg.slots(level), cfg.keep_rates[level - 1]
     inner, valid = kept_slots(node_len, slots, rate)  # (n, S)
-    rows = torch.arange(len(live), device=device)[:, None]
     tree_dtype = getattr(torch, cfg.tree_dtype)
+    offsets = torch.arange(width, device=device)
+    autocast = cfg.encode_dtype != "float32" and compute == torch.float32
+    per_call = len(live) if node_batch_tokens is None else max(1, node_batch_tokens // width)
+    parts: dict[str, list[torch.Tensor]] = {"keys": [], "values": [], "vectors": []}
+    for b0 in range(0, len(live), per_call):
+        lengths, starts, kept_at = node_len[b0:b0 + per_call], node_start[b0:b0 + per_call], inner[b0:b0 + per_call]
+        inside = offsets < lengths[:, None]  # (n', W)
+        ids = tokens[(starts[:, None] + offsets).clamp(max=tokens.numel() - 1)] * inside  # (n', W) right-padded
+        with torch.no_grad(), torch.autocast(device.type, dtype=getattr(torch, cfg.encode_dtype), enabled=autocast):
+            keys, values, hidden1 = lower_forward(base, ids, cfg.n_inject_layers)  # (n', M, nkv, W, hd)
+        rows = torch.arange(len(lengths), device=device)[:, None]
+        # (n', M, nkv, W, hd) -> kept (n', S, M, nkv, hd), rounded to the precision a stored tree has
+        parts["keys"].append(keys[rows, :, :, kept_at].to(tree_dtype).to(compute))
+        parts["values"].append(values[rows, :, :, kept_at].to(tree_dtype).to(compute))
+        parts["vectors"].append(pooled_vectors(hidden1, lengths, cfg.retrieval_vector))
 
     def table(x: torch.Tensor, fill) -> torch.Tensor:  # live rows (n, ...) -> (C, N_l, ...), empty nodes filled
         full = torch.full((c * n_nodes, *x.shape[1:]), fill, dtype=x.dtype, device=device)
         return full.index_copy(0, live, x).view(c, n_nodes, *x.shape[1:])
 
-    # (n, M, nkv, W, hd) -> kept (n, S, M, nkv, hd), rounded to the precision a stored tree has
-    kept = {name: table(kv[rows, :, :, inner].to(tree_dtype).to(compute), 0) for name, kv in
-            (("keys", keys), ("values", values))}
-    vectors = pooled_vectors(hidden1, node_len, cfg.retrieval_vector)
+    kept = {name: table(torch.cat(tensors), 0) for name, tensors in parts.items()}
     return Level(keys=kept["keys"], values=kept["values"], inner=table(inner, 0),
                  absolute=table(inner + node_start[:, None], 0), valid=table(valid, False),
-                 vectors=table(vectors, 0.0))
+                 vectors=kept["vectors"].float())
 
 
 def search(levels: list[Level], queries: torch.Tensor, has_query: torch.Tensor) -> list[torch.Tensor]:
@@ -296,9 +303,14 @@ def prepare(model: SharedLLM, contexts: list[np.ndarray], questions: list[list[i
                     item_chunks=move(geo.item_chunks))
 
 
-def build_batch_memory(model: SharedLLM, prep: Prepared) -> BatchMemory:
+def default_node_batch_tokens(device: torch.device) -> int | None:
+    """Lower-model tokens per forward: all of a level on a GPU, 16K on a CPU (cache)."""
+    return None if device.type == "cuda" else 16384
+
+
+def build_batch_memory(model: SharedLLM, prep: Prepared, node_batch_tokens: int | None = None) -> BatchMemory:
     """Steps 2-4 of the module docstring: prepared contexts and questions -> every item's memory."""
-    levels = [encode_level(model, prep.tokens, nodes, width, level)
+    levels = [encode_level(model, prep.tokens, nodes, width, level, node_batch_tokens)
               for level, (nodes, width) in enumerate(zip(prep.nodes, prep.widths), start=1)]
     n_items = len(prep.geo.item_chunks)
     query = batched_query_vectors(model, *prep.questions, n_items)[prep.chunk_item]  # (C, D)
@@ -317,7 +329,7 @@ def batch_loss(model: SharedLLM, items: list[dict], questions: list[list[int] | 
     device = model.base.embed_tokens.weight.device
     text = running_text(items, device, pad_multiple)  # host work and copies first, then the kernels
     prep = prepare(model, contexts, questions, noise, generator, pad_multiple)
-    memory = build_batch_memory(model, prep)
+    memory = build_batch_memory(model, prep, default_node_batch_tokens(device))
     # bfloat16 compute over float32 cross-attention weights (the base may itself be bfloat16)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if bf16 is None else bf16):
         hidden = model.base.hidden_states(text.ids, injections=injections(model, memory))  # (B, T, D)

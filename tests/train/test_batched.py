@@ -70,11 +70,14 @@ def test_batched_loss_and_gradients_equal_the_per_item_path(rotation, vector, ke
         torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6)
 
 
-def test_padding_to_buckets_changes_nothing():
+def test_padding_to_buckets_and_splitting_node_batches_change_nothing(monkeypatch):
     model = make_shared(random_transformer(tiny_config(vocab_size=128), seed=1), init_mode="copy")
     tok, items = ChatTok(), _items(1)
     questions = [question_ids([int(t) for t in it["prompt_ids"]], tok) for it in items]
     with torch.no_grad():
         _, plain = batch_loss(model, items, questions, None, None)
         _, padded = batch_loss(model, items, questions, None, None, pad_multiple=64)
+        monkeypatch.setattr("train.batched.default_node_batch_tokens", lambda device: 70)  # 1-2 nodes a forward
+        _, split = batch_loss(model, items, questions, None, None)
     torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split, plain, rtol=1e-5, atol=1e-5)
