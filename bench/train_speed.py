@@ -3,11 +3,12 @@
     python -m bench.train_speed --model build/test-data/models/SmolLM2-135M-Instruct --items 8 \\
         --min-ctx 1024 --max-ctx 2048 --steps 2 [--device cuda] [--json OUT.json]
 
-Both paths run the same `train.loop.train` on the same synthetic items (random token ids: speed
-does not depend on content; half LM items with 256 target tokens, half questions with a short
-answer), the same model and the same number of items per optimizer step (the per-item path
-accumulates `--items` items, the batched path takes them in one micro-batch). The first step of
-each path is a warm-up and is not timed. Useful FLOPs are counted analytically (lower model over
+Both paths run the loop's own step (`train.loop.micro_batch_loss`, backward, clipping, AdamW) on
+the same synthetic items (random token ids: speed does not depend on content; `--task lm`: 256
+target tokens, `qa`: a question and a 12-token answer, `mixed`: half each), the same model and the
+same items in every optimizer step (the per-item path accumulates `--items` items, the batched path
+takes them in one micro-batch; no bucketing, so the items match). The paths are interleaved round by
+round; round 0 is a warm-up and is not timed. Useful FLOPs are counted analytically (lower model over
 every level's nodes, upper model forward and input-gradient backward over the running text,
 cross-attention weight gradients, logits at target positions), so MFU is the same work divided by
 time and by `--peak-tflops` (default: a dense matmul measured in this run on this device in the
@@ -30,14 +31,15 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def synthetic_items(tokenizer, n: int, min_ctx: int, max_ctx: int, vocab: int, seed: int) -> list[dict]:
+def synthetic_items(tokenizer, n: int, min_ctx: int, max_ctx: int, vocab: int, seed: int,
+                    task: str = "mixed") -> list[dict]:
     rng = random.Random(seed)
     question = tokenizer("<|im_start|>user\nWhat is the pass key?<|im_end|>\n<|im_start|>assistant\n",
                          add_special_tokens=False)["input_ids"]
     items = []
     for k in range(n):
         ctx = int(math.exp(rng.uniform(math.log(min_ctx), math.log(max_ctx))))
-        lm = k % 2 == 0
+        lm = task == "lm" or (task == "mixed" and k % 2 == 0)
         items.append({
             "context_ids": np.array([rng.randrange(vocab) for _ in range(ctx)]),
             "prompt_ids": np.array([] if lm else question, dtype=np.int64),
@@ -103,7 +105,8 @@ def time_paths(lm, items: list[dict], paths: list[tuple[str, int, bool, bool | N
     for name, batched, compiled, bf16 in paths:
         cfg = TrainConfig(out=None, lr=1e-6, grad_accum=1 if batched else n, batch_items=n if batched else 0,
                           compile=compiled, bf16=bf16)
-        setups.append((name, cfg, ItemStream(items, cfg, model.config.chunk_len, lm.tokenizer),
+        # no bucketing: every path sees the same items in every step
+        setups.append((name, cfg, ItemStream(items, cfg, model.config.chunk_len, lm.tokenizer, bucket_pool=1),
                        torch.Generator().manual_seed(0), make_optimizer(params, cfg)))
     times: dict[str, list[float]] = {name: [] for name, *_ in setups}
     for r in range(rounds + 1):
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per path (after one warm-up round)")
     parser.add_argument("--min-ctx", type=int, default=1024)
     parser.add_argument("--max-ctx", type=int, default=2048)
+    parser.add_argument("--task", default="mixed", choices=["mixed", "lm", "qa"],
+                        help="lm: 256-token continuations; qa: a question and a 12-token answer; mixed: half each")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time the batched path under torch.compile")
     parser.add_argument("--base-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.base_dtype == "auto" and lm.device.type == "cuda") or args.base_dtype == "bfloat16":
         lm.model.base.to(torch.bfloat16)
     items = synthetic_items(lm.tokenizer, args.items, args.min_ctx, args.max_ctx, lm.model.base.config.vocab_size,
-                            args.seed)
+                            args.seed, args.task)
     flops = sum(item_flops(lm.model, it) for it in items) / len(items)
     # the fastest dense matmul this device does in either dtype (CPUs with AMX run bf16 autocast faster)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else max(
