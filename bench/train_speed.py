@@ -70,7 +70,8 @@ def item_flops(model, item: dict) -> float:
     return lower + 2 * upper + xattn_weight_grads + head
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 10) -> float:
+    n = n or (8192 if device.type == "cuda" else 1024)  # a GPU needs a large product to reach its peak
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
@@ -94,8 +95,14 @@ def time_paths(lm, items: list[dict], paths: list[tuple[str, int, bool, bool | N
     """Optimizer steps of `len(items)` items each, the paths interleaved round by round (a shared
     machine's load then hits every path alike); round 0 is a warm-up. The step is the loop's own:
     `train.loop.micro_batch_loss` per micro-batch, backward, clipping, fused-when-possible AdamW."""
-    from train.loop import ItemStream, TrainConfig, compile_blocks, make_optimizer, micro_batch_loss, \
-        trainable_parameters
+    from train.loop import (
+        ItemStream,
+        TrainConfig,
+        compile_blocks,
+        make_optimizer,
+        micro_batch_loss,
+        trainable_parameters,
+    )
 
     model, n = lm.model, len(items)
     params = trainable_parameters(model, 0)
@@ -109,10 +116,10 @@ def time_paths(lm, items: list[dict], paths: list[tuple[str, int, bool, bool | N
         setups.append((name, cfg, ItemStream(items, cfg, model.config.chunk_len, lm.tokenizer, bucket_pool=1),
                        torch.Generator().manual_seed(0), make_optimizer(params, cfg)))
     times: dict[str, list[float]] = {name: [] for name, *_ in setups}
+    if any(cfg.compile for _, cfg, *_ in setups):  # compiling changes the shared modules: all paths, then
+        compile_blocks(model)
     for r in range(rounds + 1):
         for name, cfg, stream, generator, optimizer in setups:
-            if cfg.compile and r == 0:
-                compile_blocks(model)
             started = time.perf_counter()
             for _ in range(cfg.grad_accum):
                 (micro_batch_loss(model, stream, lm.tokenizer, cfg, generator) / cfg.grad_accum).backward()
@@ -149,10 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from model.loading import read_model_config, resolve_checkpoint
     from model.runtime import load_model
     from train.recipe import Recipe
-
-    from model.loading import read_model_config, resolve_checkpoint
 
     overrides = Recipe().model_overrides(read_model_config(resolve_checkpoint(args.model, Path(args.data_dir))))
     lm = load_model(args.model, args.data_dir, device=args.device, dtype="float32", weights=False, **overrides)
@@ -170,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     candidates += [("batched + bf16 autocast", 1, False, True)] if cpu else []
     candidates += [("batched + compile", 1, True, None)] if args.compile else []
     paths = [c for c in candidates if c[0].split(" ")[0] in wanted]
-    rows = time_paths(lm, items, paths, args.steps, args.gradient_checkpointing)
+    # the compiled variant last and on its own: compiling changes the modules every path shares
+    rows = time_paths(lm, items, [c for c in paths if not c[2]], args.steps, args.gradient_checkpointing)
+    rows += time_paths(lm, items, [c for c in paths if c[2]], args.steps, args.gradient_checkpointing) \
+        if any(c[2] for c in paths) else []
     for row in rows:
         row["tflops"] = row["items_per_s"] * flops / 1e12
         row["mfu"] = row["items_per_s"] * flops / peak
