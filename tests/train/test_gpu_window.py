@@ -20,7 +20,7 @@ from train.data.pack import write_shards
 REPO = Path(__file__).resolve().parents[2]
 # project dependencies the GPU machine does not have (it has torch, transformers, safetensors, numpy,
 # matplotlib): the device side must never import them
-NOT_THERE = ["app", "storage", "bench", "gradio", "gradio_client", "sqlalchemy", "alembic", "pypdf", "bm25s",
+NOT_THERE = ["app", "storage", "gradio", "gradio_client", "sqlalchemy", "alembic", "pypdf", "bm25s",
              "argon2", "fpdf"]
 DEVICE_PYTHON = f"""
 import runpy, sys
@@ -66,13 +66,13 @@ def test_pack_train_there_and_unpack_round_trip(tmp_path, model_data_dir):
         subprocess.run([sys.executable, "-c", DEVICE_PYTHON, "stash", str(part)], env=env, check=True, cwd=REPO)
     done = subprocess.run(
         [sys.executable, "-c", DEVICE_PYTHON, "run", str(parts[-1]), "--out", str(out), "--device", "cpu",
-         "--budget-s", "120", "--reserve-s", "10", "--", "--steps", "3", "--batch-items", "2", "--grad-accum", "1",
+         "--budget-s", "120", "--reserve-s", "10", "--speed-items", "2", "--", "--steps", "3", "--batch-items", "2", "--grad-accum", "1",
          "--eval-items", "2", "--eval-every", "2", "--save-every", "1", "--lr", "1e-3", "--warmup", "1"],
         env=env, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     returned = sorted(f.name for f in out.iterdir())
     assert len(returned) <= 8 and all(f.stat().st_size <= 16 * 2**20 for f in out.iterdir())
-    assert {"loss.json", "result.json", "sharedllm_config.json", "xattn.000"} <= set(returned)
+    assert {"loss.json", "result.json", "sharedllm_config.json", "xattn.000", "train_speed.json"} <= set(returned)
     assert [h["step"] for h in json.loads((out / "loss.json").read_text()) if "loss" in h] == [1, 2, 3]
 
     target = tmp_path / "assets" / "sharedllm-tiny"
