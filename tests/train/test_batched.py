@@ -81,3 +81,19 @@ def test_padding_to_buckets_and_splitting_node_batches_change_nothing(monkeypatc
         _, split = batch_loss(model, items, questions, None, None)
     torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(split, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_same_loss():
+    """torch.compile of the decoder layers and cross-attention blocks (~50 s to compile on a CPU)."""
+    from train.loop import compile_blocks
+
+    model = make_shared(random_transformer(tiny_config(vocab_size=128), seed=1), init_mode="copy")
+    tok, items = ChatTok(), _items(1)
+    questions = [question_ids([int(t) for t in it["prompt_ids"]], tok) for it in items]
+    model.train()
+    with torch.no_grad():
+        _, plain = batch_loss(model, items, questions, None, None, pad_multiple=64)
+        compile_blocks(model)
+        _, compiled = batch_loss(model, items, questions, None, None, pad_multiple=64)
+    torch.testing.assert_close(compiled, plain, rtol=1e-4, atol=1e-4)
