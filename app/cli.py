@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(p)
 
     p = sub.add_parser(
-        "train", help="train SharedLLM weights for a base model (model.train)", conflict_handler="resolve"
+        "train", help="train SharedLLM weights for a base model (the train/ package)", conflict_handler="resolve"
     )
     _common(p, suppress=True)
     _add_train_arguments(p)
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     try:
-        from model.train.cli import add_arguments
+        from train.cli import add_arguments
     except ImportError:  # training code not installed: the command explains itself when run
         return
     add_arguments(parser)
@@ -406,7 +406,7 @@ def cmd_conversations(args, settings, out):
 
 def cmd_train(args, settings, out):
     try:
-        from model.train.cli import run
+        from train.cli import run
     except ImportError as exc:
         raise CliError(f"training is not available in this install ({exc})") from None
     weights = run(args, settings.data_dir)

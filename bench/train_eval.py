@@ -8,7 +8,7 @@ is the same. Each document is therefore encoded once and every variant answers f
   bench/data, concatenated) is encoded once at the largest length; a document of n tokens is the
   first n/L chunks of that tree (chunks are encoded independently), and the needle is inserted at a
   sentence end inside the chunk at the requested depth, which is the only chunk re-encoded;
-- QA on held-out items (`python -m model.train.data --split heldout`): generated contracts and
+- QA on held-out items (`python -m train.data --split heldout`): generated contracts and
   extractive/retrieval questions over held-out real text, answered with the item's own chat prompt
   (the training system prompt), plus the `full` engine (document in the prompt; these documents fit
   its window) on the same items;
@@ -172,8 +172,8 @@ def heldout_qa(lm, variants, weights, data: Path, n_items: int, max_new_tokens: 
     from app.services.engines import get_engine
     from bench.common import document_context, split_pages
     from bench.evalset import contains_match, f1_score
-    from model.train.data.pack import ShardReader
-    from model.train.loop import question_ids
+    from train.data.pack import ShardReader
+    from train.loop import question_ids
 
     reader = ShardReader(data, with_meta=False)
     full = get_engine("full")
@@ -293,8 +293,8 @@ def memory_ablation(lm, weights, data: Path, n_items: int) -> list[dict]:
     """Held-out target loss of the trained weights with the item's own document in the memory and
     with another item's document (the next one): equal losses mean the cross-attention learned
     something document-independent (format, a bias), not to read. Zero init = no context."""
-    from model.train.data.pack import ShardReader
-    from model.train.loop import TrainConfig, item_loss
+    from train.data.pack import ShardReader
+    from train.loop import TrainConfig, item_loss
 
     reader = ShardReader(data, with_meta=False)
     items = [reader[i] for i in range(min(n_items + 1, len(reader)))]
@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         "--weights", type=Path, help="trained SharedLLM weights (default: assets/, if present)"
     )
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
-    parser.add_argument("--heldout", type=Path, help="held-out shard directory (python -m model.train.data)")
+    parser.add_argument("--heldout", type=Path, help="held-out shard directory (python -m train.data)")
     parser.add_argument("--heldout-items", type=int, default=40)
     parser.add_argument("--needle-lengths", type=_ints, default=_ints("4k,16k,32k,64k,128k"))
     parser.add_argument("--depths", type=_floats, default=_floats("0.1,0.5,0.9"))

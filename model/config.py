@@ -96,7 +96,7 @@ class ModelConfig:
         )
 
 
-InitMode = Literal["copy", "zero"]
+InitMode = Literal["copy", "zero", "none"]
 KeyRotation = Literal["chunk", "node_and_chunk"]
 RetrievalVector = Literal["last", "mean"]
 
@@ -114,7 +114,9 @@ class SharedLLMConfig:
     chunk_len: int = 512  # L: tokens per chunk (the root of one tree)
     tree_height: int = 3  # h: levels 1..h are encoded and stored
     keep_rates: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4)  # per level, top to bottom
-    init_mode: InitMode = "copy"  # how untrained cross-attention starts (zero: equals the base model)
+    # how untrained cross-attention starts: "zero" equals the base model exactly, "copy" takes the
+    # layer's self-attention, "none" is random (normal, std 0.02: the authors' `init_mode none`)
+    init_mode: InitMode = "copy"
     tree_dtype: str = "bfloat16"  # dtype of stored K/V (vectors are always float32)
     # precision of the lower model while encoding trees: "bfloat16" runs it under autocast (2x faster
     # on CPUs with AVX512-BF16, no weight copy; the stored K/V are bf16 anyway), "float32" is exact
@@ -143,8 +145,8 @@ class SharedLLMConfig:
             slots = self.chunk_len / 2**level * rate
             if slots != int(slots) or slots < 1:
                 raise ConfigError(f"level {level}: L/2^l * keep_rate = {slots} must be a whole number >= 1")
-        if self.init_mode not in ("copy", "zero"):
-            raise ConfigError(f"init_mode must be 'copy' or 'zero', got {self.init_mode!r}")
+        if self.init_mode not in ("copy", "zero", "none"):
+            raise ConfigError(f"init_mode must be 'copy', 'zero' or 'none', got {self.init_mode!r}")
         if self.key_rotation not in ("chunk", "node_and_chunk"):
             raise ConfigError(f"key_rotation must be 'chunk' or 'node_and_chunk', got {self.key_rotation!r}")
         if self.retrieval_vector not in ("last", "mean"):

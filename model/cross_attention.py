@@ -33,7 +33,16 @@ class CrossAttention(nn.Module):
     @torch.no_grad()
     def initialise(self, layer: Block, mode: str) -> None:
         """`copy`: q/o projections from the layer's self-attention, norm from its post-attention
-        norm. `zero`: the same but o_proj = 0, so the block adds exactly nothing until trained."""
+        norm. `zero`: the same but o_proj = 0, so the block adds exactly nothing until trained.
+        `none`: random q/o projections (normal, std 0.02, zero biases) and a unit norm, as the
+        authors start (their `init_mode none`)."""
+        if mode == "none":
+            self.norm.weight.fill_(1.0)
+            for proj in (self.q_proj, self.o_proj):
+                proj.weight.normal_(0.0, 0.02)
+                if proj.bias is not None:
+                    proj.bias.zero_()
+            return
         self.q_proj.weight.copy_(layer.self_attn.q_proj.weight)
         if self.q_proj.bias is not None:
             self.q_proj.bias.copy_(layer.self_attn.q_proj.bias)

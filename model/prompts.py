@@ -1,6 +1,6 @@
 """The system prompt SharedLLM's cross-attention is trained with.
 
-Training items (model/train/data) and the app's `sharedllm` engine must use the same words: the
+Training items (train/data) and the app's `sharedllm` engine must use the same words: the
 cross-attention learns to read the memory in the context of this conversation frame.
 """
 

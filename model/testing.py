@@ -57,3 +57,28 @@ def make_shared(base: Transformer, **overrides) -> SharedLLM:
 
 def random_ids(n: int, vocab: int = 128, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def write_tiny_checkpoint(path: str | Path, data_dir: str | Path | None = None, seed: int = 0) -> Path:
+    """A Hugging Face-layout directory (config.json, model.safetensors, tokenizer) of a tiny random
+    LLaMA with SmolLM2's tokenizer: what `load_model(path)` reads, for tests of whole commands."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    cfg = tiny_config()
+    model = random_transformer(cfg, seed)
+    path.mkdir(parents=True)
+    save_file({f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": cfg.vocab_size, "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "hidden_size": cfg.dim,
+        "intermediate_size": cfg.intermediate_size, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "tie_word_embeddings": True, "max_position_embeddings": cfg.max_position}))
+    tokenizer = resolve_checkpoint(TINY_TOKENIZER_MODEL, Path(data_dir or Path(__file__).parent.parent / "build" / "test-data"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if (tokenizer / name).is_file():
+            shutil.copy(tokenizer / name, path / name)
+    return path

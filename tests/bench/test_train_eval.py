@@ -8,7 +8,7 @@ import json
 import torch
 
 from bench import train_eval
-from model.train.data.pack import write_shards
+from train.data.pack import write_shards
 
 
 def test_spliced_chunk_tree_equals_encoding_the_spliced_document(tiny_model):

@@ -9,10 +9,10 @@ from random import Random
 import numpy as np
 import pytest
 
-from model.train.data import ShardReader, build_dataset, write_shards
-from model.train.data.contracts import generate_contract
-from model.train.data.sources import LICENCE_MARKERS, PDF_DENYLIST, Corpus, Document, looks_like_licence, strip_roff
-from model.train.data.tasks import EXTRACTIVE_TASKS, TASKS
+from train.data import ShardReader, build_dataset, write_shards
+from train.data.contracts import generate_contract
+from train.data.sources import LICENCE_MARKERS, PDF_DENYLIST, Corpus, Document, looks_like_licence, strip_roff
+from train.data.tasks import EXTRACTIVE_TASKS, TASKS
 
 NON_LM = {t: 1.0 for t in TASKS if t != "lm"}
 

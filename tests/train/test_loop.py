@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from model.testing import make_shared, random_transformer, tiny_config
-from model.train.loop import TrainConfig, fit_steps_to_budget, lr_at, train
+from train.loop import TrainConfig, fit_steps_to_budget, lr_at, train
 
 
 class _Tok:
@@ -57,7 +58,7 @@ def test_export_casts_to_bf16_keeps_metadata_and_adds_the_warning(tmp_path):
 
     from model.sharedllm import SharedLLM
     from model.testing import make_shared, random_transformer, tiny_config
-    from model.train.export import export_weights
+    from train.export import export_weights
 
     shared = make_shared(random_transformer(tiny_config(vocab_size=128)), init_mode="copy")
     shared.save_pretrained(tmp_path / "run", extra={"steps": 7})
@@ -97,9 +98,67 @@ def test_training_refuses_shards_tokenized_for_another_model(tiny_model):
     must not be trained on it silently."""
     import pytest
 
-    from model.train.cli import check_shards_match
+    from train.cli import check_shards_match
 
     vocab = len(tiny_model.tokenizer)  # SmolLM2's tokenizer (model.testing)
     check_shards_match({"tokenizer": tiny_model.name, "vocab_size": vocab}, tiny_model, "shards")
     with pytest.raises(SystemExit, match="tokenized for Qwen2.5-Coder-0.5B-Instruct"):
         check_shards_match({"tokenizer": "Qwen2.5-Coder-0.5B-Instruct", "vocab_size": 151665}, tiny_model, "shards")
+
+
+def test_gradient_checkpointing_stays_on_after_evaluation(tmp_path, monkeypatch):
+    """Regression: the loop never put the model back in training mode after `evaluate()` (and loaders
+    hand out eval-mode models), so the decoder's checkpointing branch was never taken."""
+    import model.decoder as decoder
+
+    calls = []
+    real = decoder.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "checkpoint", counting)
+    model = make_shared(random_transformer(tiny_config(vocab_size=128), seed=0), init_mode="zero")
+    cfg = TrainConfig(out=tmp_path, steps=4, lr=1e-3, warmup=1, grad_accum=1, eval_every=2, save_every=100,
+                      gradient_checkpointing=True)
+    train(model, _Tok(), _items(4), _items(2, seed=1), cfg)
+    # every training forward (4 steps x 1 item) recomputes each of the 4 layers; evaluation never does
+    assert len(calls) == 4 * model.base.config.n_layer
+
+
+def test_batched_training_reduces_loss_and_records_the_reading_gap(tmp_path):
+    torch.manual_seed(0)
+    model = make_shared(random_transformer(tiny_config(vocab_size=128), seed=0), init_mode="zero")
+    items = _items(8)
+    cfg = TrainConfig(out=tmp_path, steps=20, lr=5e-3, warmup=2, grad_accum=1, batch_items=4, eval_every=10,
+                      save_every=10)
+    history = train(model, _Tok(), items, items[:4], cfg)
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) * 0.95
+    evals = [h for h in history if "eval_loss" in h]
+    assert evals[0]["reading_gap"] == 0.0  # zero init: the memory adds nothing, whichever document
+    assert [h["items"] for h in history if "loss" in h][-1] == 20 * 4
+    saved = json.loads((tmp_path / "checkpoint" / "trainer.json").read_text())
+    assert saved["cursor"] == 3 * 8 * 4 and saved["config"]["batch_items"] == 4  # pools of 8 micro-batches
+    assert json.loads((tmp_path / "recipe.json").read_text())["key_rotation"] == "node_and_chunk"
+
+
+def test_reading_gap_compares_own_and_another_items_document(tmp_path):
+    from train.loop import item_loss, reading_gap
+
+    model = make_shared(random_transformer(tiny_config(vocab_size=128), seed=0), init_mode="copy")
+    items = [{**it, "task": task} for it, task in zip(_items(3), ("lm", "needle", "needle"))]
+    cfg = TrainConfig(out=tmp_path)
+    gap = reading_gap(model, items, _Tok(), cfg)
+    with torch.no_grad():
+        own0 = float(item_loss(model, items[0], _Tok(), cfg, None))
+        other0 = float(item_loss(model, {**items[0], "context_ids": items[1]["context_ids"]}, _Tok(), cfg, None))
+    assert gap["tasks"]["lm"]["own"] == pytest.approx(own0) and gap["tasks"]["lm"]["other"] == pytest.approx(other0)
+    assert gap["gap"] == pytest.approx(gap["other"] - gap["own"]) and gap["gap"] != 0
+    assert gap["tasks"]["needle"]["items"] == 2
+    # the batched evaluation path measures the same
+    batched = reading_gap(model, items, _Tok(), TrainConfig(out=tmp_path, batch_items=2))
+    assert batched["gap"] == pytest.approx(gap["gap"], abs=1e-4)
+    same = [{**it, "context_ids": items[0]["context_ids"]} for it in items]
+    assert reading_gap(model, same, _Tok(), cfg)["gap"] == pytest.approx(0.0, abs=1e-6)

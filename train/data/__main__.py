@@ -1,4 +1,4 @@
-"""``python -m model.train.data --out DIR --items N --seed S`` writes a shard directory."""
+"""``python -m train.data --out DIR --items N --seed S`` writes a shard directory."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import logging
 import os
 import time
 
-log = logging.getLogger("model.train.data")
+log = logging.getLogger("train.data")
 
 
 def load_model_tokenizer(model: str | None = None, data_dir: str = "data"):
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from .sources import Corpus  # noqa: PLC0415
     from .tasks import DEFAULT_SOURCE_WEIGHTS  # noqa: PLC0415
 
-    ap = argparse.ArgumentParser(prog="python -m model.train.data", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m train.data", description=__doc__)
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default=None,
                     help="whose tokenizer: bundled name (default: qwen2.5-0.5b; smollm2), HF directory or .gguf")

@@ -1,6 +1,6 @@
 """Contamination check of a generated shard directory.
 
-``python -m model.train.data.check DIR [--pdf PATH ...]`` decodes every item and reports
+``python -m train.data.check DIR [--pdf PATH ...]`` decodes every item and reports
 
 * items that contain an unambiguous licence marker (:data:`.sources.LICENCE_MARKERS`);
 * items that share a run of ``--ngram`` (default 12) consecutive words with the text of any of the
@@ -84,7 +84,7 @@ def check(shard_dir: str, tokenizer, pdfs: list[Path], n: int = 12, limit: int |
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m model.train.data.check", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m train.data.check", description=__doc__)
     ap.add_argument("shards")
     ap.add_argument("--pdf", action="append", default=None)
     ap.add_argument("--ngram", type=int, default=12)

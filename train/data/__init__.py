@@ -1,7 +1,7 @@
 """Offline training data for SharedLLM's cross-attention (see docs/training.md).
 
 ``build_dataset(tokenizer, n_items, seed)`` yields items ``{context_ids, prompt_ids, target_ids, task,
-meta}``; ``write_shards`` / ``ShardReader`` store and read them; ``python -m model.train.data`` is the
+meta}``; ``write_shards`` / ``ShardReader`` store and read them; ``python -m train.data`` is the
 command-line generator.
 """
 

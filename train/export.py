@@ -1,4 +1,4 @@
-"""`python -m model.train.export SRC DST [--dtype bfloat16] [--warning TEXT]`: ship trained weights.
+"""`python -m train.export SRC DST [--dtype bfloat16] [--warning TEXT]`: ship trained weights.
 
 Copies a weights directory (xattn.safetensors + sharedllm_config.json, as `sharedllm train` writes
 it) to DST with the tensors cast to `--dtype` (bf16 halves the file: 20 MB for SmolLM2 at M = 15,
@@ -40,7 +40,7 @@ def export_weights(src: Path, dst: Path, dtype: str = "bfloat16", warning: str |
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.train.export", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__)
     parser.add_argument("src", type=Path)
     parser.add_argument("dst", type=Path)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
