@@ -74,6 +74,14 @@ class Settings:
     engine: str = DEFAULT_ENGINE
     max_new_tokens: int = 256
     temperature: float = 0.0
+    # The most any request may ask for (the UI slider's end; the API and the CLI are held to it too).
+    max_new_tokens_limit: int = 1024
+    max_temperature: float = 2.0
+    # Logins: an account is locked after this many failed attempts within the window (until the
+    # oldest leaves it); one client address is refused (HTTP 429) after the per-client count.
+    login_max_failures: int = 5
+    login_max_failures_per_client: int = 20
+    login_window_s: float = 900.0
     # Passages cited under each answer.
     max_citations: int = 3
     # First-run admin account (docker): created at start-up when no account exists yet.
@@ -92,7 +100,10 @@ class Settings:
             "concurrency_limit",
             "queue_max_size",
             "max_new_tokens",
+            "max_new_tokens_limit",
             "max_citations",
+            "login_max_failures",
+            "login_max_failures_per_client",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -100,8 +111,14 @@ class Settings:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.gpu_tree_cache_gb < 0:
             raise ConfigError(f"gpu_tree_cache_gb must be >= 0, got {self.gpu_tree_cache_gb}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= self.max_temperature:
+            raise ConfigError(f"temperature must be in 0..{self.max_temperature}, got {self.temperature}")
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise ConfigError(
+                f"max_new_tokens ({self.max_new_tokens}) is over max_new_tokens_limit ({self.max_new_tokens_limit})"
+            )
+        if self.login_window_s <= 0:
+            raise ConfigError(f"login_window_s must be > 0, got {self.login_window_s}")
 
     @property
     def resolved_database_url(self) -> str:

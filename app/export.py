@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,10 @@ def export(transcript: dict[str, Any], fmt: str) -> bytes:
 
 
 def default_filename(transcript: dict[str, Any], fmt: str) -> str:
-    return f"conversation-{transcript['id']}.{fmt}"
+    """Named after the conversation's title and day, not its id (ids count every user's conversations)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", str(transcript.get("title") or "")).strip("-")[:60] or "conversation"
+    day = str(transcript.get("created_at") or "")[:10]
+    return f"{slug}-{day}.{fmt}" if re.fullmatch(r"\d{4}-\d{2}-\d{2}", day) else f"{slug}.{fmt}"
 
 
 def to_json(transcript: dict[str, Any]) -> str:

@@ -171,12 +171,13 @@ class IngestionService:
     def _stage_upload(self, owner_id: int, path: Path) -> tuple[Path, str, int]:
         """Copy the upload to a temporary private file, hashing it on the way."""
         directory = self.uploads_dir / str(int(owner_id))
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.chmod(0o700)
         staged = directory / f".{uuid.uuid4().hex}{UPLOAD_TMP_SUFFIX}"
         digest = hashlib.sha256()
         size = 0
-        try:
-            with open(path, "rb") as src, open(staged, "wb") as dst:
+        try:  # 0600 like the trees: a user's PDFs are readable by the server's account only
+            with open(path, "rb") as src, os.fdopen(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as dst:
                 while block := src.read(1 << 20):
                     digest.update(block)
                     dst.write(block)

@@ -13,6 +13,7 @@ from typing import Any
 
 from app.auth import AuthService
 from app.config import Settings
+from app.throttle import LoginThrottle
 from app.services.conversations import ConversationService
 from app.services.documents import DocumentService
 from app.services.prompt_cache import PromptCacheService
@@ -37,12 +38,17 @@ class AppContext:
         upgrade(self.db)
         self.sessions = make_session_factory(self.db)
         self.tensors = TensorStore(settings.data_dir / TENSORS_SUBDIR)
-        self.auth = AuthService(self.sessions)
+        self.auth = AuthService(
+            self.sessions, LoginThrottle(settings.login_max_failures, settings.login_window_s)
+        )
         self.documents = DocumentService(self.sessions, self.tensors, settings.uploads_dir)
         self.documents.ensure_tree = lambda owner_id, doc_id: self.ingestion.ensure_tree(owner_id, doc_id)
         self.conversations = ConversationService(self.sessions)
         self.prompt_cache = PromptCacheService(self.sessions, self.tensors)
-        self.qa = QAService(self.sessions, self.documents, self.model, self.prompt_cache)
+        self.qa = QAService(
+            self.sessions, self.documents, self.model, self.prompt_cache,
+            max_new_tokens_limit=settings.max_new_tokens_limit, max_temperature=settings.max_temperature,
+        )
         self._model = model
         self._model_loader = model_loader or _load_default
         self._model_lock = threading.Lock()

@@ -42,6 +42,17 @@ class AnswerSettings:
     seed: int = 0
     max_citations: int = 3
 
+    def check(self, max_new_tokens_limit: int, max_temperature: float) -> None:
+        """BadRequest unless every value is within the server's limits (before any work is done)."""
+        if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+            raise BadRequest(f"max_new_tokens must be in 1..{max_new_tokens_limit}, got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature <= max_temperature:
+            raise BadRequest(f"temperature must be in 0..{max_temperature:g}, got {self.temperature:g}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise BadRequest(f"top_p must be in (0, 1], got {self.top_p:g}")
+        if not 0 <= self.max_citations <= 20:
+            raise BadRequest(f"max_citations must be in 0..20, got {self.max_citations}")
+
     def generation(self) -> Any:
         from model import GenerationSettings
 
@@ -86,7 +97,10 @@ class QAService:
         documents: DocumentService,
         model_provider: Callable[[], Any],
         prompt_cache: PromptCacheService | None = None,
+        max_new_tokens_limit: int = 1024,
+        max_temperature: float = 2.0,
     ):
+        self._limits = (max_new_tokens_limit, max_temperature)
         self._sessions = session_factory
         self._documents = documents
         self._model = model_provider  # returns the LoadedModel, loading it on first use
@@ -107,6 +121,7 @@ class QAService:
             raise BadRequest("the question is empty")
         if len(question) > MAX_QUESTION_CHARS:
             raise BadRequest(f"the question is too long (over {MAX_QUESTION_CHARS} characters)")
+        settings.check(*self._limits)
         impl = get_engine(engine)
 
         history, document_ids = self._conversation_context(owner_id, conversation_id, document_ids)

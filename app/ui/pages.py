@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,11 @@ import gradio as gr
 
 from app.auth import AuthError
 from app.config import ENGINES
-from app.export import default_filename, export
 from app.services import ServiceError
 from app.services.context import AppContext
 from app.services.qa import Answer, AnswerSettings
 from app.ui import render
+from app.ui.access import ExportLinks, UploadRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +67,11 @@ class SettingsPage(Pages):
             info="sharedllm: the method; full: document in the prompt; rag: BM25 chunks",
         )
         gr.Markdown(render.default_engine_markdown(s.engine), elem_id="default-engine")
-        self.max_new_tokens = gr.Slider(16, 1024, value=s.max_new_tokens, step=16, label="Max new tokens")
+        self.max_new_tokens = gr.Slider(
+            16, s.max_new_tokens_limit, value=s.max_new_tokens, step=16, label="Max new tokens"
+        )
         self.temperature = gr.Slider(
-            0.0, 1.5, value=s.temperature, step=0.05, label="Temperature", info="0 = greedy (reproducible)"
+            0.0, s.max_temperature, value=s.temperature, step=0.05, label="Temperature", info="0 = greedy (reproducible)"
         )
 
     @property
@@ -81,6 +82,10 @@ class SettingsPage(Pages):
 # --- library -----------------------------------------------------------------------------------------
 class LibraryPage(Pages):
     """Upload with per-file progress and status; the document table; delete."""
+
+    def __init__(self, ctx: AppContext, uploads: UploadRegistry):
+        super().__init__(ctx)
+        self.uploads = uploads  # who uploaded which file: the handler takes only the caller's own
 
     def render(self) -> None:
         mb = self.ctx.settings.max_upload_mb
@@ -125,9 +130,15 @@ class LibraryPage(Pages):
         if not paths:
             raise gr.Error("choose one or more PDF files first")
         rows = [{"name": p.name, "status": "queued", "fraction": 0.0} for p in paths]
+        for row, path in zip(rows, paths, strict=True):
+            if not self.uploads.claim(getattr(request, "username", None), path):
+                # not uploaded by this user in this session (or already used): never read, never removed
+                logger.warning("owner %s named a file they did not upload: %s", owner, path)
+                row.update(status="rejected", error="not a file you uploaded; upload it again")
         yield render.progress_html(rows)
         for row, path in zip(rows, paths, strict=True):
-            yield from self._ingest_one(owner, row, path, rows)
+            if row["status"] == "queued":
+                yield from self._ingest_one(owner, row, path, rows)
         ok = sum(r["status"] == "ready" for r in rows)
         logger.info("owner %s uploaded %d file(s), %d ready", owner, len(rows), ok)
         yield render.progress_html(rows)
@@ -201,6 +212,10 @@ class LibraryPage(Pages):
 class ChatPage(Pages):
     """Conversation list, document selection, streamed answers with sources, page viewer, export."""
 
+    def __init__(self, ctx: AppContext, exports: ExportLinks):
+        super().__init__(ctx)
+        self.exports = exports  # owner-bound, expiring download links (no export is ever a file)
+
     def render(self) -> None:
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
@@ -239,7 +254,7 @@ class ChatPage(Pages):
                     self.export_md = gr.Button("Export Markdown", size="sm", elem_id="export-md")
                     self.export_json = gr.Button("Export JSON", size="sm", elem_id="export-json")
                     self.export_pdf = gr.Button("Export PDF", size="sm", elem_id="export-pdf")
-                self.export_file = gr.File(label="Export", interactive=False, elem_id="export-file")
+                self.export_file = gr.HTML("", elem_id="export-file")
         self.conversation_id = gr.State(None)
 
     # conversation list / documents ---------------------------------------------------------------
@@ -254,7 +269,7 @@ class ChatPage(Pages):
 
     def open_conversation(self, conversation_id: int | None, request: gr.Request):
         if conversation_id is None:
-            return gr.update(), gr.update(), None, gr.update(), ""
+            return gr.update(), gr.update(), None, gr.update(), "", ""
         owner = self.owner_id(request)
         try:
             conv = self.ctx.conversations.get(owner, int(conversation_id))
@@ -270,10 +285,11 @@ class ChatPage(Pages):
             conv["id"],
             gr.update(choices=render.citation_choices(messages), value=None),
             stats,
+            "",  # the previous conversation's export link goes
         )
 
     def new_conversation(self):
-        return [], None, gr.update(value=None), gr.update(choices=[], value=None), "", ""
+        return [], None, gr.update(value=None), gr.update(choices=[], value=None), "", "", ""
 
     def delete_conversation(self, conversation_id: int | None, request: gr.Request):
         """Delete the open conversation, then show an empty chat and the remaining list."""
@@ -290,6 +306,7 @@ class ChatPage(Pages):
             None,
             gr.update(choices=render.conversation_choices(convs), value=None),
             gr.update(choices=[], value=None),
+            "",
             "",
             "",
         )
@@ -360,16 +377,14 @@ class ChatPage(Pages):
     # export ---------------------------------------------------------------------------------------------
     def export_as(self, fmt: str):
         def handler(conversation_id: int | None, request: gr.Request) -> str:
+            """A download link for the open conversation, rendered when (and only if) its owner opens it."""
             if conversation_id is None:
                 raise gr.Error("nothing to export yet: ask a question first")
             owner = self.owner_id(request)
             try:
-                transcript = self.ctx.conversations.transcript(owner, int(conversation_id))
+                return render.export_link_html(self.exports.create(owner, int(conversation_id), fmt))
             except ServiceError as exc:
                 raise gr.Error(str(exc)) from None
-            out = Path(tempfile.mkdtemp(prefix="sharedllm-export-")) / default_filename(transcript, fmt)
-            out.write_bytes(export(transcript, fmt))
-            return str(out)
 
         handler.__name__ = f"export_{fmt}"
         return handler

@@ -102,13 +102,60 @@ def free_port() -> int:
 def launch_app(ctx, port: int | None = None):
     """Start the real Gradio app (login on when accounts exist) on loopback; returns (demo, url)."""
     from app.ui.app import build_app
-    from app.ui.server import launch_kwargs
 
-    demo = build_app(ctx)
+    demo, web = build_app(ctx)
     demo.queue(default_concurrency_limit=ctx.settings.concurrency_limit, max_size=ctx.settings.queue_max_size)
-    kwargs = launch_kwargs(ctx)
+    kwargs = web.launch_kwargs()
     kwargs.update(
         server_name="127.0.0.1", server_port=port or free_port(), prevent_thread_lock=True, quiet=True
     )
     _, url, _ = demo.launch(**kwargs)
     return demo, url.rstrip("/")
+
+
+class UiSession:
+    """One browser-like session against the running app over plain HTTP: logs in with Gradio's form,
+    uploads through `/gradio_api/upload`, and fires UI events (private ones included, by their
+    api_name in /config) through the queue, as the page's JavaScript does. What an attacker with an
+    account can do without the page."""
+
+    def __init__(self, url: str, username: str | None = None, password: str | None = None):
+        import secrets
+
+        import httpx
+
+        self.url = url
+        self.http = httpx.Client(base_url=url, timeout=120)
+        if username is not None:
+            response = self.http.post("/login", data={"username": username, "password": password})
+            response.raise_for_status()
+        self.session_hash = secrets.token_hex(8)
+        config = self.http.get("/config").json()
+        self.fn_index = {d["api_name"]: d["id"] for d in config["dependencies"]}
+
+    def upload(self, path: Path) -> str:
+        with open(path, "rb") as f:
+            response = self.http.post("/gradio_api/upload", files={"files": (Path(path).name, f)})
+        response.raise_for_status()
+        return response.json()[0]
+
+    @staticmethod
+    def file_data(path: str, name: str | None = None) -> dict:
+        return {"path": path, "orig_name": name or Path(path).name, "meta": {"_type": "gradio.FileData"}}
+
+    def event(self, api_name: str, *data) -> dict:
+        """Runs one event to completion; returns Gradio's `process_completed` message."""
+        import json
+
+        body = {"data": list(data), "fn_index": self.fn_index[api_name], "session_hash": self.session_hash,
+                "event_data": None, "trigger_id": None}
+        joined = self.http.post("/gradio_api/queue/join", json=body)
+        joined.raise_for_status()
+        with self.http.stream("GET", "/gradio_api/queue/data", params={"session_hash": self.session_hash}) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed":
+                    return message
+        raise AssertionError(f"{api_name}: the event stream ended without a result")
