@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -158,6 +159,22 @@ class DocumentService:
                 logger.exception("could not delete tensor file %s of document %s", path, document_id)
         logger.info("owner %s deleted document %s (%s)", owner_id, document_id, info["name"])
         return info
+
+    def purge_owner(self, owner_id: int, delete_rows: Callable[[], None]) -> None:
+        """Removes an owner: `delete_rows` deletes the rows (the account, cascading to its documents),
+        then every file of theirs goes too: tensor files and the private copies of their PDFs."""
+        with self._sessions() as session:
+            paths = list(
+                session.scalars(
+                    select(ContextTreeRecord.path).join(Document).where(Document.owner_id == owner_id)
+                )
+            )
+        delete_rows()
+        for path in paths:
+            self.forget(path)
+            self._tensors.delete(path)
+        shutil.rmtree(self._uploads / str(int(owner_id)), ignore_errors=True)
+        logger.info("owner %s removed with %d tensor file(s) and their uploads", owner_id, len(paths))
 
     def load_for_qa(
         self, owner_id: int, document_ids: list[int], fingerprint: str | None
