@@ -249,7 +249,11 @@ def cmd_serve(args, settings, out):
 
 
 def _ingest_files(ctx, owner_id: int, files: list[str]) -> list[dict[str, Any]]:
+    """Every file's outcome, in order: stored ones with their status, refused ones as `rejected`."""
     from tqdm import tqdm
+
+    from app.services import ServiceError
+    from app.services.ingest import rejected
 
     results = []
     for name in files:
@@ -263,7 +267,10 @@ def _ingest_files(ctx, owner_id: int, files: list[str]) -> list[dict[str, Any]]:
                 bar.n = done
                 bar.refresh()
 
-            results.append(ctx.ingestion.ingest_path(owner_id, path, progress=progress))
+            try:
+                results.append(ctx.ingestion.ingest_path(owner_id, path, progress=progress))
+            except ServiceError as exc:  # refused before anything was stored: say so, go on with the rest
+                results.append(rejected(path.name, str(exc)))
     return results
 
 
@@ -459,28 +466,12 @@ def cmd_users(args, settings, out):
                 out.write(f"password changed for {args.username}\n")
             return {"user": auth.get(args.username).to_dict()}
         user = auth.get(args.username)
-        paths = _tree_paths_of(ctx, user.id)
-        auth.remove_user(args.username)
-        for path in paths:
-            ctx.tensors.delete(path)
+        ctx.documents.purge_owner(user.id, lambda: auth.remove_user(args.username))
         if not args.json:
             out.write(f"removed user {args.username} and everything it owned\n")
         return {"removed": user.to_dict()}
     finally:
         ctx.close()
-
-
-def _tree_paths_of(ctx, owner_id: int) -> list[str]:
-    from sqlalchemy import select
-
-    from storage import ContextTreeRecord, Document
-
-    with ctx.sessions() as session:
-        return list(
-            session.scalars(
-                select(ContextTreeRecord.path).join(Document).where(Document.owner_id == owner_id)
-            )
-        )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,12 @@ from app.services.errors import BadRequest
 logger = logging.getLogger(__name__)
 
 
+def rejected(name: str, reason: str) -> dict[str, Any]:
+    """The outcome of a file refused before anything was stored (too large, not a PDF, missing)."""
+    return {"id": None, "name": name, "pages": 0, "tokens": 0, "status": "rejected", "error": reason,
+            "seconds": 0.0}
+
+
 class Ingestion:
     def __init__(self, ctx: Any):
         self._ctx = ctx
