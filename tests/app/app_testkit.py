@@ -130,8 +130,16 @@ class UiSession:
             response = self.http.post("/login", data={"username": username, "password": password})
             response.raise_for_status()
         self.session_hash = secrets.token_hex(8)
-        config = self.http.get("/config").json()
-        self.fn_index = {d["api_name"]: d["id"] for d in config["dependencies"]}
+        self.config = self.http.get("/config").json()
+        self.fn_index = {d["api_name"]: d["id"] for d in self.config["dependencies"]}
+
+    def output(self, done: dict, api_name: str, elem_id: str):
+        """The value an event's result gives the component with `elem_id` (KeyError: not an output)."""
+        [component] = [c["id"] for c in self.config["components"] if c.get("props", {}).get("elem_id") == elem_id]
+        outputs = self.config["dependencies"][self.fn_index[api_name]]["outputs"]
+        if component not in outputs:
+            raise KeyError(f"{api_name} does not update #{elem_id}")
+        return done["output"]["data"][outputs.index(component)]
 
     def upload(self, path: Path) -> str:
         with open(path, "rb") as f:

@@ -120,3 +120,16 @@ def test_server_enforces_the_answer_limits(web):
         alice.predict("What is the launch code?", [doc], None, "rag", 10_000_000, api_name="/ask")
     assert time.monotonic() - started < 30
     # (the UI's own event is bounded by Gradio's slider, which checks its maximum on the server)
+
+
+def test_new_chat_clears_the_previous_export(web):
+    """Issue 14, defect 9: the previous conversation's export stayed shown after New chat."""
+    url, _, doc = web
+    conversation = alice_conversation(url, doc)
+    alice = session(url, "alice")
+    alice.event("sidebar", None)
+    alice.event("open_conversation", conversation)
+    assert alice.event("export_md", conversation)["success"]
+    for event in ("new_conversation", "open_conversation"):
+        done = alice.event(event, conversation) if event == "open_conversation" else alice.event(event)
+        assert alice.output(done, event, "export-file") in ("", None), event
