@@ -359,7 +359,7 @@ def cmd_ask(args, settings, out):
         ):
             if isinstance(item, Answer):
                 final = item
-            elif not args.json:
+            elif isinstance(item, str) and not args.json:
                 out.write(item)
                 out.flush()
     finally:

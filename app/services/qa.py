@@ -1,6 +1,7 @@
 """Question answering: one turn of a conversation, streamed, cited, timed and persisted.
 
-`QAService.answer` is a generator: it yields `str` pieces of the answer as the model produces them,
+`QAService.answer` is a generator: it yields one `Asked` once the question is stored (before the
+model runs, so a crash mid-answer keeps it), `str` pieces of the answer as the model produces them,
 then exactly one `Answer` (the final record). Ownership of the conversation and of every document is
 checked before the model sees anything.
 """
@@ -65,6 +66,14 @@ class AnswerSettings:
         )
 
 
+@dataclass(frozen=True)
+class Asked:
+    """The question is stored: in this conversation (new or continued), as this message."""
+
+    conversation: int
+    message_id: int
+
+
 @dataclass
 class Answer:
     answer: str
@@ -88,6 +97,15 @@ class Answer:
 def stored_notes(notes: dict[str, Any]) -> dict[str, Any]:
     """The JSON-safe part of an engine's notes, persisted with the answer."""
     return {k: v for k, v in notes.items() if isinstance(v, (str, int, float, bool)) and v not in ("", False)}
+
+
+def answered_turns(messages: list[Message]) -> list[Message]:
+    """Question/answer pairs in order; a question whose answer never came (a crash) is left out."""
+    out = []
+    for question, reply in zip(messages, messages[1:]):
+        if question.role == "user" and reply.role == "assistant":
+            out += [question, reply]
+    return out
 
 
 class QAService:
@@ -114,7 +132,7 @@ class QAService:
         conversation_id: int | None,
         engine: str,
         settings: AnswerSettings,
-    ) -> Iterator[str | Answer]:
+    ) -> Iterator[Asked | str | Answer]:
         t_start = time.perf_counter()
         question = question.strip()
         if not question:
@@ -131,6 +149,8 @@ class QAService:
         docs = self._documents.load_for_qa(
             owner_id, document_ids, lm.fingerprint if impl.needs_tree else None
         )
+        asked = self._store_question(owner_id, conversation_id, document_ids, engine, question)
+        yield asked
 
         prepared = impl.prepare(lm, question, docs, history)
         if impl.needs_tree and not getattr(lm, "weights_trained", True):
@@ -170,10 +190,8 @@ class QAService:
             "prompt_tokens": len(prompt_ids),
             "cached_prompt_tokens": prefix.length if prefix is not None else 0,
         }
-        conv_id, message_id = self._save(
-            owner_id, conversation_id, document_ids, engine, question, text, citations, timings,
-            stored_notes(prepared.notes),
-        )
+        conv_id = asked.conversation
+        message_id = self._store_answer(conv_id, engine, text, citations, timings, stored_notes(prepared.notes))
         logger.info(
             "owner %s conversation %s: %s answered in %.2f s (%d tokens)",
             owner_id,
@@ -227,30 +245,18 @@ class QAService:
             return [], list(dict.fromkeys(document_ids))
         with self._sessions() as session:
             conv = owned_conversation(session, owner_id, conversation_id)
-            turns = [m for m in conv.messages if m.role in ("user", "assistant")][-2 * HISTORY_TURNS :]
+            turns = answered_turns(conv.messages)[-2 * HISTORY_TURNS :]
             history = [{"role": m.role, "content": m.text} for m in turns]
             ids = list(dict.fromkeys(document_ids)) or list(conv.document_ids or [])
             return history, ids
 
-    def _save(
-        self,
-        owner_id: int,
-        conversation_id: int | None,
-        document_ids: list[int],
-        engine: str,
-        question: str,
-        text: str,
-        citations: list[dict[str, Any]],
-        timings: dict[str, float],
-        notes: dict[str, Any] | None = None,
-    ) -> tuple[int, int]:
+    def _store_question(
+        self, owner_id: int, conversation_id: int | None, document_ids: list[int], engine: str, question: str
+    ) -> Asked:
         with self._sessions.begin() as session:
             if conversation_id is None:
                 conv = Conversation(
-                    owner_id=owner_id,
-                    title=title_from_question(question),
-                    document_ids=document_ids,
-                    engine=engine,
+                    owner_id=owner_id, title=title_from_question(question), document_ids=document_ids, engine=engine
                 )
                 session.add(conv)
                 session.flush()
@@ -260,16 +266,25 @@ class QAService:
                 conv.engine = engine
                 if not conv.title:
                     conv.title = title_from_question(question)
-            session.add(Message(conversation_id=conv.id, role="user", text=question, engine=engine))
+            message = Message(conversation_id=conv.id, role="user", text=question, engine=engine)
+            session.add(message)
+            session.flush()
+            return Asked(conv.id, message.id)
+
+    def _store_answer(
+        self,
+        conversation_id: int,
+        engine: str,
+        text: str,
+        citations: list[dict[str, Any]],
+        timings: dict[str, float],
+        notes: dict[str, Any],
+    ) -> int:
+        with self._sessions.begin() as session:
             reply = Message(
-                conversation_id=conv.id,
-                role="assistant",
-                text=text,
-                citations=citations,
-                timings=timings,
-                notes=notes or {},
-                engine=engine,
+                conversation_id=conversation_id, role="assistant", text=text, citations=citations,
+                timings=timings, notes=notes, engine=engine,
             )
             session.add(reply)
             session.flush()
-            return conv.id, reply.id
+            return reply.id

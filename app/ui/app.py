@@ -97,24 +97,16 @@ class DocQAApp:
         ).then(chat.sidebar, chat.conversation_id, sidebar_out, **private)
         lib.refresh_button.click(lib.refresh, None, library_out, **private)
 
-        ask_in = [
-            chat.question,
-            chat.chatbot,
-            chat.conversation_id,
-            chat.documents,
-            *self.settings_page.inputs,
-        ]
-        ask_out = [
-            chat.chatbot,
-            chat.question,
-            chat.conversation_id,
-            chat.conversations,
-            chat.cited,
-            chat.stats,
-        ]
+        ask_in = [chat.conversation_id, chat.documents, *self.settings_page.inputs]
+        ask_out = [chat.chatbot, chat.conversation_id, chat.conversations, chat.cited, chat.stats, chat.queued]
         for trigger in (chat.send.click, chat.question.submit):
-            # one concurrency group for every way of asking: the limit counts answers, not buttons
-            trigger(chat.ask, ask_in, ask_out, show_progress="minimal", concurrency_id="answer", **private)
+            # taking a question runs at once and never waits behind an answer (its own unlimited group);
+            # answering is one concurrency group for every way of asking: the limit counts answers
+            trigger(
+                chat.take_question, chat.question, [chat.question, chat.queued], trigger_mode="multiple",
+                concurrency_limit=None, concurrency_id="take", show_progress="hidden", **private,
+            ).success(chat.ask, ask_in, ask_out, show_progress="minimal", concurrency_id="answer",
+                      trigger_mode="multiple", **private)
 
         chat.conversations.input(
             chat.open_conversation,

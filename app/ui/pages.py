@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from app.auth import AuthError
 from app.config import ENGINES
 from app.services import ServiceError
 from app.services.context import AppContext
-from app.services.qa import Answer, AnswerSettings
+from app.services.qa import Answer, AnswerSettings, Asked
 from app.ui import render
 from app.ui.access import ExportLinks, UploadRegistry
 
@@ -39,6 +40,11 @@ class Pages:
             return self.ctx.auth.resolve(username).id
         except AuthError as exc:
             raise gr.Error(str(exc)) from None
+
+
+def _page_key(request: gr.Request | None) -> str:
+    """One open page: Gradio's session of the request."""
+    return str(getattr(request, "session_hash", None))
 
 
 # --- account -----------------------------------------------------------------------------------------
@@ -215,6 +221,9 @@ class ChatPage(Pages):
     def __init__(self, ctx: AppContext, exports: ExportLinks):
         super().__init__(ctx)
         self.exports = exports  # owner-bound, expiring download links (no export is ever a file)
+        # questions taken but not answered yet, per open page (Gradio session), oldest first
+        self._pending: dict[str, deque[str]] = {}
+        self._lock = threading.Lock()
 
     def render(self) -> None:
         with gr.Row():
@@ -244,6 +253,7 @@ class ChatPage(Pages):
                         lines=1,
                     )
                     self.send = gr.Button("Ask", variant="primary", scale=1, elem_id="ask-button")
+                self.queued = gr.Markdown("", elem_id="queued-questions")
                 self.stats = gr.Markdown("", elem_id="answer-stats")
                 with gr.Accordion("View a cited page", open=False, elem_id="page-viewer"):
                     self.cited = gr.Dropdown(choices=[], label="Cited page", elem_id="cited-page")
@@ -312,10 +322,35 @@ class ChatPage(Pages):
         )
 
     # asking ---------------------------------------------------------------------------------------------
+    def take_question(self, question: str, request: gr.Request):
+        """Runs at once, even while an answer streams: the question joins this page's queue and the box
+        is cleared; `ask` (chained after it, one answer at a time) takes the questions in order."""
+        self.owner_id(request)
+        question = (question or "").strip()
+        if not question:
+            raise gr.Error("type a question first")
+        with self._lock:
+            waiting = self._pending.setdefault(_page_key(request), deque())
+            waiting.append(question)
+            return "", render.queued_markdown(list(waiting))
+
+    def _next_question(self, request: gr.Request) -> tuple[str | None, list[str]]:
+        with self._lock:
+            waiting = self._pending.get(_page_key(request))
+            question = waiting.popleft() if waiting else None
+            left = list(waiting or [])
+            if waiting is not None and not waiting:
+                del self._pending[_page_key(request)]
+            return question, left
+
+    def _shown(self, owner: int, conversation_id: int | None) -> list[dict[str, Any]]:
+        """The conversation as stored (not as the page last drew it: a queued question's page is stale)."""
+        if conversation_id is None:
+            return []
+        return render.chat_messages(self.ctx.conversations.messages(owner, int(conversation_id)))
+
     def ask(
         self,
-        question: str,
-        history: list[dict[str, Any]] | None,
         conversation_id: int | None,
         document_ids: list[int] | None,
         engine: str,
@@ -323,14 +358,19 @@ class ChatPage(Pages):
         temperature: float,
         request: gr.Request,
     ):
-        """Generator: streams the answer into the chat, then adds its sources and timings."""
+        """Generator: the next queued question; streams its answer, then adds its sources and timings.
+        Never writes the question box: what the user types meanwhile stays there."""
         owner = self.owner_id(request)
-        history = list(history or [])
-        question = (question or "").strip()
-        if not question:
-            raise gr.Error("type a question first")
+        question, left = self._next_question(request)
+        if question is None:
+            return
+        queued = render.queued_markdown(left)
+        try:
+            history = self._shown(owner, conversation_id)
+        except ServiceError:  # the open conversation was deleted meanwhile: start a new one
+            history, conversation_id = [], None
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
-        yield history, "", conversation_id, gr.update(), gr.update(), "Thinking…"
+        yield history, conversation_id, gr.update(), gr.update(), "Thinking…", queued
         settings = AnswerSettings(
             max_new_tokens=int(max_new_tokens),
             temperature=float(temperature),
@@ -341,15 +381,19 @@ class ChatPage(Pages):
             for item in self.ctx.qa.answer(
                 owner, question, [int(i) for i in document_ids or []], conversation_id, engine, settings
             ):
+                if isinstance(item, Asked):  # stored: a question queued behind this one continues it
+                    conversation_id = item.conversation
+                    yield history, conversation_id, gr.update(), gr.update(), "Thinking…", gr.update()
+                    continue
                 if isinstance(item, Answer):
                     final = item
                     break
                 text += item
                 history[-1] = {"role": "assistant", "content": text}
-                yield history, "", conversation_id, gr.update(), gr.update(), "Answering…"
+                yield history, conversation_id, gr.update(), gr.update(), "Answering…", gr.update()
         except ServiceError as exc:
             history[-1] = {"role": "assistant", "content": f"**Cannot answer:** {exc}"}
-            yield history, question, conversation_id, gr.update(), gr.update(), ""
+            yield history, conversation_id, gr.update(), gr.update(), "", gr.update()
             return
         convs = self.ctx.conversations.list(owner)
         messages = self.ctx.conversations.messages(owner, final.conversation)
@@ -357,11 +401,11 @@ class ChatPage(Pages):
         history[-1] = render.chat_messages([messages[-1]])[0]
         yield (
             history,
-            "",
             final.conversation,
             gr.update(choices=render.conversation_choices(convs), value=final.conversation),
             gr.update(choices=render.citation_choices(messages), value=None),
             render.notes_markdown(final.notes) + render.timing_markdown(final.engine, final.timings),
+            gr.update(),
         )
 
     def show_page(self, key: str | None, request: gr.Request) -> str:

@@ -141,3 +141,11 @@ def export_link_html(url: str) -> str:
     href = url.lstrip("/")  # relative to the page, so the app also works under a proxy's path prefix
     return (f"<a class='export-link' href=\"{html.escape(href)}\" download=\"{html.escape(name)}\">"
             f"Download {html.escape(name)}</a>")
+
+
+def queued_markdown(questions: list[str]) -> str:
+    """The questions waiting for the answer in progress (they are answered in this order)."""
+    if not questions:
+        return ""
+    items = "\n".join(f"{i}. {html.escape(' '.join(q.split())[:200])}" for i, q in enumerate(questions, 1))
+    return f"**Queued, answered next:**\n\n{items}"

@@ -151,19 +151,27 @@ class UiSession:
     def file_data(path: str, name: str | None = None) -> dict:
         return {"path": path, "orig_name": name or Path(path).name, "meta": {"_type": "gradio.FileData"}}
 
-    def event(self, api_name: str, *data) -> dict:
-        """Runs one event to completion; returns Gradio's `process_completed` message."""
-        import json
-
+    def start(self, api_name: str, *data) -> str:
+        """Queues one event (as a click does); returns its event id."""
         body = {"data": list(data), "fn_index": self.fn_index[api_name], "session_hash": self.session_hash,
                 "event_data": None, "trigger_id": None}
         joined = self.http.post("/gradio_api/queue/join", json=body)
         joined.raise_for_status()
+        return joined.json()["event_id"]
+
+    def messages(self):
+        """This session's queue messages as they arrive (one event stream, as the page reads it)."""
+        import json
+
         with self.http.stream("GET", "/gradio_api/queue/data", params={"session_hash": self.session_hash}) as r:
             for line in r.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                message = json.loads(line[5:])
-                if message.get("msg") == "process_completed":
-                    return message
+                if line.startswith("data:"):
+                    yield json.loads(line[5:])
+
+    def event(self, api_name: str, *data) -> dict:
+        """Runs one event to completion; returns Gradio's `process_completed` message."""
+        event_id = self.start(api_name, *data)
+        for message in self.messages():
+            if message.get("msg") == "process_completed" and message.get("event_id") == event_id:
+                return message
         raise AssertionError(f"{api_name}: the event stream ended without a result")

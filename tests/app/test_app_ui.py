@@ -9,7 +9,12 @@ from app.ui import render
 from app.ui.access import ExportLinks, UploadRegistry
 from app.ui.pages import ChatPage, LibraryPage
 
-LOCAL = SimpleNamespace(username=None)  # single-user mode request
+LOCAL = SimpleNamespace(username=None, session_hash="page-1")  # single-user mode request
+
+
+def ask(chat, question, conversation_id, docs):
+    chat.take_question(question, LOCAL)
+    return list(chat.ask(conversation_id, docs, "sharedllm", 5, 0.0, LOCAL))
 
 
 def test_upload_reports_each_file(ctx, contract_pdf, tmp_path):
@@ -42,8 +47,8 @@ def test_chat_streams_and_reports_not_ready(ctx, make_doc):
     doc = make_doc(owner)
     exports = ExportLinks(ctx.conversations.transcript)
     chat = ChatPage(ctx, exports)
-    frames = list(chat.ask("What is the fee?", [], None, [doc], "sharedllm", 5, 0.0, LOCAL))
-    history, _, conv_id, _, _, stats = frames[-1]
+    frames = ask(chat, "What is the fee?", None, [doc])
+    history, conv_id, _, _, stats, _ = frames[-1]
     assert conv_id and "**Sources**" in history[-1]["content"] and "p. " in history[-1]["content"]
     assert "first token" in stats and len(frames) >= 3
     loaded = chat.open_conversation(conv_id, LOCAL)
@@ -62,7 +67,7 @@ def test_chat_streams_and_reports_not_ready(ctx, make_doc):
 
     with ctx.sessions.begin() as s:
         s.get(Document, doc).status = "encoding"
-    frames = list(chat.ask("Again?", [], None, [doc], "sharedllm", 5, 0.0, LOCAL))
+    frames = ask(chat, "Again?", None, [doc])
     assert "still being encoded" in frames[-1][0][-1]["content"]
 
 
