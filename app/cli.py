@@ -126,17 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = command("users", "manage accounts (a login is required in the UI once one exists)")
-    users_sub = p.add_subparsers(dest="users_command", required=True, metavar="add|list|rm|passwd")
+    users_sub = p.add_subparsers(dest="users_command", required=True, metavar="add|list|rm|passwd|handover")
     for name, help_text in (
         ("add", "create an account"),
         ("list", "list accounts"),
         ("rm", "delete an account and everything it owns"),
         ("passwd", "change a password"),
+        ("handover", "give every document and conversation of one owner (e.g. the single-user `local`) to "
+                     "another account"),
     ):
         u = users_sub.add_parser(name, help=help_text)
         _common(u, suppress=True)
         _json_flag(u)
-        if name != "list":
+        if name == "handover":
+            u.add_argument("from_user", metavar="FROM")
+            u.add_argument("username", metavar="TO")
+        elif name != "list":
             u.add_argument("username")
         if name in ("add", "passwd"):
             u.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
@@ -446,6 +451,8 @@ def _read_password(args) -> str:
 
 
 def cmd_users(args, settings, out):
+    from app.auth import LOCAL_USER
+
     ctx = _context(settings)
     try:
         auth = ctx.auth
@@ -465,6 +472,17 @@ def cmd_users(args, settings, out):
             if not args.json:
                 out.write(f"password changed for {args.username}\n")
             return {"user": auth.get(args.username).to_dict()}
+        if args.users_command == "handover":
+            source = auth.local_user() if args.from_user == LOCAL_USER else auth.get(args.from_user)
+            given = ctx.documents.hand_over(source.id, auth.get(args.username).id)
+            if not args.json:
+                out.write(
+                    f"gave {len(given['documents'])} document(s) and {len(given['conversations'])} "
+                    f"conversation(s) of {source.username} to {args.username}"
+                    + (f"; {len(given['kept_duplicates'])} already there stayed" if given["kept_duplicates"] else "")
+                    + "\n"
+                )
+            return {"handed_over": given}
         user = auth.get(args.username)
         ctx.documents.purge_owner(user.id, lambda: auth.remove_user(args.username))
         if not args.json:

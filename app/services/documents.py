@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.services.errors import NotFound, NotReady
-from storage import ContextTreeRecord, Document, DocumentStatus, Page, TensorStore, TensorStoreError
+from storage import ContextTreeRecord, Conversation, Document, DocumentStatus, Page, TensorStore, TensorStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +175,34 @@ class DocumentService:
             self._tensors.delete(path)
         shutil.rmtree(self._uploads / str(int(owner_id)), ignore_errors=True)
         logger.info("owner %s removed with %d tensor file(s) and their uploads", owner_id, len(paths))
+
+    def hand_over(self, from_owner: int, to_owner: int) -> dict[str, list[int]]:
+        """Gives every document and conversation of `from_owner` to `to_owner` (e.g. what was uploaded
+        in single-user mode, owned by `local`, to a real account). A document `to_owner` already has
+        (same content) stays with `from_owner`; the private copies of the PDFs move along."""
+        moved, kept = [], []
+        with self._sessions.begin() as session:
+            theirs = set(session.scalars(select(Document.sha256).where(Document.owner_id == to_owner)))
+            for doc in session.scalars(select(Document).where(Document.owner_id == from_owner)):
+                if doc.sha256 in theirs:
+                    kept.append(doc.id)
+                    continue
+                doc.owner_id = to_owner
+                moved.append((doc.id, doc.sha256))
+            conversations = session.scalars(select(Conversation).where(Conversation.owner_id == from_owner))
+            handed = []
+            for conv in conversations:
+                conv.owner_id = to_owner
+                handed.append(conv.id)
+        target = self._uploads / str(int(to_owner))
+        for _, sha in moved:
+            source = self._uploads / str(int(from_owner)) / f"{sha}.pdf"
+            if source.exists():
+                target.mkdir(mode=0o700, parents=True, exist_ok=True)
+                source.replace(target / source.name)
+        logger.info("owner %s handed %d document(s) and %d conversation(s) to owner %s",
+                    from_owner, len(moved), len(handed), to_owner)
+        return {"documents": [i for i, _ in moved], "kept_duplicates": kept, "conversations": handed}
 
     def load_for_qa(
         self, owner_id: int, document_ids: list[int], fingerprint: str | None

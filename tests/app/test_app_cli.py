@@ -183,3 +183,21 @@ def test_ingest_json_reports_every_file(cli, contract_pdf, tmp_path, monkeypatch
     assert "upload limit" in docs[1]["error"] and "only PDF" in docs[2]["error"]
     assert docs[0]["id"] and docs[1]["id"] is None
     assert "2 of 4 files not ready" in err
+
+
+def test_handover_gives_single_user_documents_to_an_account(cli, contract_pdf, tmp_path):
+    """Issue 14, defect 11: what was uploaded in single-user mode belongs to `local` and is not shown
+    once accounts exist; `users handover local NAME` gives it to an account."""
+    code, out, _ = cli("ingest", str(contract_pdf), "--json")
+    [doc] = one_json(out)["documents"]
+    assert cli("users", "add", "alice", "--password-stdin", stdin="alice-password-1\n")[0] == 0
+    assert one_json(cli("docs", "--user", "alice", "--json")[1])["documents"] == []
+    code, out, err = cli("users", "handover", "local", "alice", "--json")
+    assert code == 0, err and one_json(out)["handed_over"]["documents"] == [doc["id"]]
+    assert [d["id"] for d in one_json(cli("docs", "--user", "alice", "--json")[1])["documents"]] == [doc["id"]]
+    assert one_json(cli("docs", "--json")[1])["documents"] == []
+    alice_id = one_json(cli("users", "list", "--json")[1])["users"][0]["id"]
+    assert list((tmp_path / "data" / "uploads" / str(alice_id)).glob("*.pdf"))
+    code, out, err = cli("ask", "What is the fee?", "--doc", str(doc["id"]), "--user", "alice", "--engine", "rag",
+                         "--max-new-tokens", "3", "--json")
+    assert code == 0, err
