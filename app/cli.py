@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID|FILE.pdf",
         help="document id, or a PDF (ingested first when new); repeatable",
     )
-    p.add_argument("--engine", choices=("sharedllm", "full", "rag"), default=None)
+    p.add_argument("--engine", default=None, help="an engine of app.services.engines.ENGINES (default: the server's)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--conversation", type=int, default=None, help="continue this conversation")
@@ -258,7 +258,7 @@ def _ingest_files(ctx, owner_id: int, files: list[str]) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     from app.services import ServiceError
-    from app.services.ingest import rejected
+    from app.ingestion import rejected
 
     results = []
     for name in files:
@@ -426,15 +426,16 @@ def cmd_train(args, settings, out):
 
 
 def cmd_bench(args, settings, out):
-    """Delegates to bench.cli with the app's data dir and model unless the bench options name them."""
-    from bench.cli import main as bench_main
+    """Runs `python -m bench` with the app's data dir and model unless the bench options name them.
+    A child process, not an import: `bench` sits above the app and the app never imports it."""
+    import subprocess
 
     extra = list(args.bench_args)
     if "--data-dir" not in extra:
         extra += ["--data-dir", str(settings.data_dir)]
     if settings.model and "--model" not in extra:
         extra += ["--model", settings.model]
-    if bench_main(extra, prog="sharedllm bench") != 0:
+    if subprocess.run([sys.executable, "-m", "bench", *extra], check=False).returncode != 0:
         raise CliError("benchmark failed")
     return None
 

@@ -43,7 +43,11 @@ class Prepared:
 
 
 class Engine(Protocol):
+    """An answering engine. A new one is a class with these members, added to `ENGINES` below: the
+    settings, the CLI, the UI and the benchmarks all take the list from there."""
+
     name: str
+    summary: str  # one line for the Settings tab
     needs_tree: bool
 
     def prepare(
@@ -89,6 +93,7 @@ class SharedLLMEngine:
     """The method: query-aware tree retrieval + cross-attention; citations from attention mass."""
 
     name = "sharedllm"
+    summary = "the method (tree retrieval + cross-attention)"
     needs_tree = True
 
     def prepare(self, lm, question, docs, history):
@@ -150,6 +155,7 @@ class FullContextEngine:
     document prefix is persisted once and reused by follow-up questions (app/services/prompt_cache.py)."""
 
     name = "full"
+    summary = "document in the prompt"
     needs_tree = False
 
     def prepare(self, lm, question, docs, history):
@@ -259,6 +265,7 @@ class RagEngine:
     """Baseline: BM25 over stored chunk texts, top-k chunks in the prompt; cites the chunks' pages."""
 
     name = "rag"
+    summary = "BM25 chunks in the prompt"
     needs_tree = False
     top_k = 4
 
@@ -300,6 +307,7 @@ class RagEngine:
         return [citation(docs[i], c["page_start"], c["text"][:QUOTE_CHARS]) for i, c in prepared.used[:k]]
 
 
+# The one registry of engines (name -> engine): add a new engine's instance here.
 ENGINES: dict[str, Engine] = {e.name: e for e in (SharedLLMEngine(), FullContextEngine(), RagEngine())}
 
 

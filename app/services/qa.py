@@ -20,6 +20,7 @@ from app.services.conversations import owned_conversation, title_from_question
 from app.services.documents import DocumentService
 from app.services.engines import get_engine
 from app.services.errors import BadRequest
+from app.services.language_model import LanguageModel
 from app.services.prompt_cache import PromptCacheService
 from storage import Conversation, Message
 
@@ -113,7 +114,7 @@ class QAService:
         self,
         session_factory: sessionmaker[Session],
         documents: DocumentService,
-        model_provider: Callable[[], Any],
+        model_provider: Callable[[], LanguageModel],
         prompt_cache: PromptCacheService | None = None,
         max_new_tokens_limit: int = 1024,
         max_temperature: float = 2.0,
@@ -153,10 +154,10 @@ class QAService:
         yield asked
 
         prepared = impl.prepare(lm, question, docs, history)
-        if impl.needs_tree and not getattr(lm, "weights_trained", True):
+        if impl.needs_tree and not lm.weights_trained:
             prepared.notes["warning"] = UNTRAINED_WARNING
             logger.warning(UNTRAINED_WARNING)
-        elif impl.needs_tree and getattr(lm, "weights_warning", None):
+        elif impl.needs_tree and lm.weights_warning:
             prepared.notes["warning"] = lm.weights_warning
         prompt_ids, key = self._prompt_and_prefix_key(lm, prepared, docs[0].id)
         prefix = self._prompt_cache.load(key) if key is not None else None

@@ -16,9 +16,9 @@ from typing import Any
 import gradio as gr
 
 from app.auth import AuthError
-from app.config import ENGINES
 from app.services import ServiceError
 from app.services.context import AppContext
+from app.services.engines import ENGINES
 from app.services.qa import Answer, AnswerSettings, Asked
 from app.ui import render
 from app.ui.access import ExportLinks, UploadRegistry
@@ -70,7 +70,7 @@ class SettingsPage(Pages):
             list(ENGINES),
             value=s.engine,
             label="Engine",
-            info="sharedllm: the method; full: document in the prompt; rag: BM25 chunks",
+            info=" · ".join(f"{name}: {engine.summary}" for name, engine in ENGINES.items()),
         )
         gr.Markdown(render.default_engine_markdown(s.engine), elem_id="default-engine")
         self.max_new_tokens = gr.Slider(

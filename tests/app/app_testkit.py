@@ -5,67 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from app.services.documents import TOKEN_IDS_KEY
-from storage import Chunk, ContextTreeRecord, Document, DocumentStatus, Page
+from storage import Document, DocumentStatus
 
 if TYPE_CHECKING:
     from app.services.context import AppContext
 
 
 def make_ready_document(ctx: AppContext, owner_id: int, name: str, pages: list[str]) -> int:
-    """Insert a `ready` document with pages, chunks and a context tree encoded by ctx's model."""
+    """A `ready` document made from page texts by the real ingestion steps after extraction
+    (page-wise tokenisation, page and chunk rows, encoding, atomic store, the ready transaction)."""
+    from app.ingestion import tokenize_pages
+
     lm = ctx.model()
-    ids: list[int] = []
-    spans = []
-    for number, text in enumerate(pages, 1):
-        start = len(ids)
-        ids += lm.tokenize(text + "\n\n")
-        spans.append((number, start, len(ids), text))
-    chunk_len = lm.config.chunk_len
-    tree = lm.encode_tree(ids)
-    tensors = tree.to_tensors()
-    tensors[TOKEN_IDS_KEY] = torch.tensor(ids, dtype=torch.int32)
+    tokenized = tokenize_pages(lm.tokenizer, pages)
     with ctx.sessions.begin() as session:
         doc = Document(
-            owner_id=owner_id,
-            sha256=f"{name}-{owner_id}".ljust(64, "0")[:64],
-            name=name,
-            size_bytes=sum(len(p) for p in pages),
-            pages=len(pages),
-            tokens=len(ids),
-            status=DocumentStatus.READY.value,
+            owner_id=owner_id, sha256=f"{name}-{owner_id}".ljust(64, "0")[:64], name=name,
+            size_bytes=sum(len(p) for p in pages), pages=len(pages), tokens=len(tokenized.token_ids),
+            status=DocumentStatus.ENCODING.value,
         )
         session.add(doc)
         session.flush()
-        for number, start, end, text in spans:
-            session.add(Page(document_id=doc.id, number=number, text=text, token_start=start, token_end=end))
-        for index, start in enumerate(range(0, len(ids), chunk_len)):
-            end = min(start + chunk_len, len(ids))
-            inside = [n for n, s, e, _ in spans if s < end and e > start]
-            session.add(
-                Chunk(
-                    document_id=doc.id,
-                    index=index,
-                    token_start=start,
-                    token_end=end,
-                    page_start=min(inside),
-                    page_end=max(inside),
-                    text=lm.tokenizer.decode(ids[start:end]),
-                )
-            )
-        stored = ctx.tensors.save(doc.id, lm.fingerprint, tensors)
-        session.add(
-            ContextTreeRecord(
-                document_id=doc.id,
-                fingerprint=lm.fingerprint,
-                path=stored.path,
-                sha256=stored.sha256,
-                bytes=stored.bytes,
-            )
-        )
-        return doc.id
+        ctx.ingestion._add_page_rows(session, doc.id, pages, tokenized, lm)
+        doc_id = doc.id
+    ctx.ingestion._encode_and_store(doc_id, tokenized.token_ids, lm, None)
+    return doc_id
 
 
 def write_pdf(path, pages: list[str]) -> Path:
