@@ -266,6 +266,8 @@ class IngestionService:
                           progress: ProgressFn | None) -> ContextTreeRecord:
         """Encode, write the file atomically, then in one transaction record it and mark ready."""
         encode_progress = (lambda done, total: progress("encode", done, total)) if progress else None
+        if encode_progress:  # the bar says "encoding" from the start, not "reading text" until the first chunk
+            encode_progress(0, 1)
         tree = lm.encode_tree(token_ids, encode_progress)
         tensors = dict(tree.to_tensors())
         tensors[TOKEN_IDS_KEY] = torch.tensor(token_ids, dtype=torch.int32)
