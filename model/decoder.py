@@ -148,8 +148,13 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, attn_fn: AttentionFn, cache: KVCache | None = None,
-                input_pos: torch.Tensor | None = None, inject: Injection | None = None) -> torch.Tensor:
+                input_pos: torch.Tensor | None = None, inject: Injection | None = None,
+                kv_out: list | None = None) -> torch.Tensor:
+        """`kv_out`: when given, this layer's keys and values (before RoPE) are appended to it (the
+        lower model's node encoding keeps them)."""
         q, k, v = self.self_attn.project(self.input_layernorm(x))
+        if kv_out is not None:
+            kv_out.append((k, v))
         x = x + self.self_attn.attend(q, k, v, cos, sin, attn_fn, cache, input_pos)
         if inject is not None:
             x = x + inject(x)

@@ -130,17 +130,16 @@ def lower_forward(base: Transformer, input_ids: torch.Tensor, n_layers: int):
     t = input_ids.shape[1]
     x = base.embed_tokens(input_ids)  # (B, T, D)
     cos, sin = base.rope(torch.arange(t, device=input_ids.device), x.dtype)
-    keys, values, hidden1 = [], [], None
+    kv, hidden1 = [], None
     for i, layer in enumerate(base.layers[:n_layers]):
-        q, k, v = layer.self_attn.project(layer.input_layernorm(x))
-        keys.append(k)
-        values.append(v)
-        if i == n_layers - 1 and i > 0:
+        if i == n_layers - 1 and i > 0:  # the last layer: its keys and values are all we keep
+            _, k, v = layer.self_attn.project(layer.input_layernorm(x))
+            kv.append((k, v))
             break
-        x = x + layer.self_attn.attend(q, k, v, cos, sin, base.attn_fn)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = layer(x, cos, sin, base.attn_fn, kv_out=kv)  # the decoder's own block, keeping its K/V
         if i == 0:
             hidden1 = x
+    keys, values = zip(*kv, strict=True)
     return torch.stack(keys, 1), torch.stack(values, 1), hidden1
 
 
