@@ -257,8 +257,8 @@ def _ingest_files(ctx, owner_id: int, files: list[str]) -> list[dict[str, Any]]:
     """Every file's outcome, in order: stored ones with their status, refused ones as `rejected`."""
     from tqdm import tqdm
 
-    from app.services import ServiceError
     from app.ingestion import rejected
+    from app.services import ServiceError
 
     results = []
     for name in files:

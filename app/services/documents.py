@@ -14,7 +14,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.services.errors import NotFound, NotReady
 from app.tree_cache import TreeCache
-from storage import ContextTreeRecord, Conversation, Document, DocumentStatus, Page, TensorStore, TensorStoreError
+from storage import (
+    ContextTreeRecord,
+    Conversation,
+    Document,
+    DocumentStatus,
+    Page,
+    TensorStore,
+    TensorStoreError,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from pdf_factory import make_corrupt_pdf, make_deflate_bomb_pdf, make_encrypted_pdf, make_image_pdf, make_text_pdf
+from pdf_factory import (
+    make_corrupt_pdf,
+    make_deflate_bomb_pdf,
+    make_encrypted_pdf,
+    make_image_pdf,
+    make_text_pdf,
+)
 from sqlalchemy import func, select
 
 from app.extraction import ExtractionLimits, extract_pdf

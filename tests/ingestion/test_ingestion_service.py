@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_library, make_service
 from ingestion_fakes import FakeModel
 from pdf_factory import make_text_pdf, page_text
 from sqlalchemy import func, select
-
-from conftest import make_library, make_service
 
 from app.ingestion import tokenize_pages
 from app.services.errors import NotFound
