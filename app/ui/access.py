@@ -39,23 +39,34 @@ def _key(path: str | Path) -> str:
 
 
 class UploadRegistry:
-    """Which account uploaded which file in Gradio's cache; an upload is consumed by its first use."""
+    """Which account uploaded which file in Gradio's cache; an upload is consumed by its first use.
+    Entries older than `max_age_s` are forgotten (Gradio deletes its cached uploads after an hour)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_age_s: float = 2 * 3600.0) -> None:
         self._owner: dict[str, Username] = {}
+        self._recorded: dict[str, float] = {}
+        self._used: set[str] = set()
+        self._max_age_s = max_age_s
         self._lock = threading.Lock()
 
     def record(self, username: Username, paths: list[str]) -> None:
+        now = time.monotonic()
         with self._lock:
-            for path in paths:
+            for old in [k for k, t in self._recorded.items() if now - t > self._max_age_s]:
+                self._owner.pop(old, None)
+                self._used.discard(old)
+                del self._recorded[old]
+            for path in paths:  # a new upload of the same bytes lands on the same path: usable again
                 self._owner[_key(path)] = username
+                self._recorded[_key(path)] = now
+                self._used.discard(_key(path))
 
     def claim(self, username: Username, path: str | Path) -> bool:
-        """True (and forgotten) when `username` uploaded `path` and has not used it yet."""
+        """True (once) when `username` uploaded `path` and has not used it yet."""
         with self._lock:
             key = _key(path)
-            if key in self._owner and self._owner[key] == username:
-                del self._owner[key]
+            if key in self._owner and self._owner[key] == username and key not in self._used:
+                self._used.add(key)  # still served to nobody else while (and after) it is ingested
                 return True
             return False
 

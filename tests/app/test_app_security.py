@@ -133,3 +133,14 @@ def test_new_chat_clears_the_previous_export(web):
     for event in ("new_conversation", "open_conversation"):
         done = alice.event(event, conversation) if event == "open_conversation" else alice.event(event)
         assert alice.output(done, event, "export-file") in ("", None), event
+
+
+def test_an_upload_is_usable_once_and_stays_private_while_ingested(tmp_path):
+    from app.ui.access import UploadRegistry
+
+    uploads = UploadRegistry()
+    path = str(tmp_path / "x.pdf")
+    uploads.record("alice", [path])
+    assert not uploads.claim("bob", path) and uploads.claim("alice", path) and not uploads.claim("alice", path)
+    assert uploads.readable_by("alice", path) and not uploads.readable_by("bob", path)
+    assert uploads.readable_by("bob", str(tmp_path / "gradio-asset.css"))  # not an upload: Gradio's own
