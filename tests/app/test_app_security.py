@@ -54,13 +54,13 @@ def test_exports_are_owner_scoped_temporary_and_anonymous(web, tmp_path):
         link = export_url(done["output"]["data"][0])
         mine = alice.http.get(link)
         assert mine.status_code == 200 and (b"PELICAN" in mine.content or fmt == "pdf")
-        # the name says what it is, not how many conversations the server holds
-        disposition = mine.headers.get("content-disposition", "")
-        assert f"conversation-{conversation}" not in disposition and f"-{conversation}." not in link
         # Bob, given Alice's link, gets nothing
         stolen = bob.http.get(link)
         assert stolen.status_code in (403, 404), (fmt, stolen.status_code)
         assert b"PELICAN" not in stolen.content
+        # the name says what it is, not how many conversations the server holds
+        disposition = mine.headers.get("content-disposition", "")
+        assert f"conversation-{conversation}" not in disposition and f"-{conversation}." not in link
 
 
 def test_upload_handler_takes_only_the_callers_own_uploads(web, tmp_path, ctx):
