@@ -9,7 +9,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends make \
+    && apt-get install -y --no-install-recommends make fonts-droid-fallback \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/sharedllm

@@ -32,15 +32,18 @@ run: install
 	$(BIN)/sharedllm serve $(ARGS)
 
 # Browser tests drive Debian's Chromium; Playwright downloads no browser of its own.
+# PDF exports take CJK glyphs from Debian's fonts-droid-fallback (DejaVu has none).
+CJK_FONT ?= /usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf
 browser-deps:
-	@if [ -x "$(CHROMIUM)" ]; then \
-		echo "chromium: $(CHROMIUM)"; \
+	@missing=""; [ -x "$(CHROMIUM)" ] || missing="chromium"; [ -f "$(CJK_FONT)" ] || missing="$$missing fonts-droid-fallback"; \
+	if [ -z "$$missing" ]; then \
+		echo "chromium: $(CHROMIUM); CJK font: $(CJK_FONT)"; \
 	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
-		echo "chromium missing: installing Debian's chromium with apt-get"; \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
-			|| echo "WARNING: could not install chromium; browser tests will be skipped" >&2; \
+		echo "missing:$$missing: installing with apt-get"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) \
+			|| echo "WARNING: could not install$$missing; browser tests are skipped, the CJK export test fails" >&2; \
 	else \
-		echo "WARNING: $(CHROMIUM) missing and apt-get unavailable (not root?); browser tests will be skipped" >&2; \
+		echo "WARNING:$$missing missing and apt-get unavailable (not root?)" >&2; \
 	fi
 
 # pytest exit 5 means "no tests collected"; report it instead of failing the build.

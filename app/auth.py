@@ -18,6 +18,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.throttle import LoginThrottle
 from storage import User
 
 logger = logging.getLogger(__name__)
@@ -79,8 +80,10 @@ def _safe_verify(password_hash: str, password: str) -> bool:
 class AuthService:
     """User accounts in the database. Every method opens and closes its own session."""
 
-    def __init__(self, session_factory: sessionmaker[Session]):
+    def __init__(self, session_factory: sessionmaker[Session], throttle: LoginThrottle | None = None):
         self._sessions = session_factory
+        # failed logins per account: a locked account refuses even the right password for a while
+        self._throttle = throttle or LoginThrottle(max_failures=5, window_s=900.0)
 
     def add_user(self, username: str, password: str, is_admin: bool = False) -> UserInfo:
         if not USERNAME_RE.match(username) or username == LOCAL_USER:
@@ -127,14 +130,22 @@ class AuthService:
             return bool(count)
 
     def check_login(self, username: str, password: str) -> bool:
-        """Gradio's auth callable: constant-ish time whether or not the user exists."""
+        """Gradio's auth callable: constant-ish time whether or not the user exists; an account with
+        too many recent failures is refused without looking at the password."""
+        if self._throttle.blocked(username):
+            verify_password(None, password)  # the same cost as a real check
+            logger.warning("login for %r refused: locked after repeated failures", username)
+            return False
         with self._sessions() as session:
             user = session.scalar(select(User).where(User.username == username))
             ok = verify_password(user.password_hash if user else None, password)
             if ok and _hasher.check_needs_rehash(user.password_hash):
                 user.password_hash = hash_password(password)
                 session.commit()
-        if not ok:
+        if ok:
+            self._throttle.succeeded(username)
+        else:
+            self._throttle.failed(username)
             logger.warning("failed login for %r", username)
         return ok
 

@@ -17,8 +17,6 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from app.config import ENGINES
-
 logger = logging.getLogger("app.cli")
 
 EXIT_ERROR = 1
@@ -98,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID|FILE.pdf",
         help="document id, or a PDF (ingested first when new); repeatable",
     )
-    p.add_argument("--engine", choices=ENGINES, default=None)
+    p.add_argument("--engine", default=None, help="an engine of app.services.engines.ENGINES (default: the server's)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--conversation", type=int, default=None, help="continue this conversation")
@@ -128,17 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = command("users", "manage accounts (a login is required in the UI once one exists)")
-    users_sub = p.add_subparsers(dest="users_command", required=True, metavar="add|list|rm|passwd")
+    users_sub = p.add_subparsers(dest="users_command", required=True, metavar="add|list|rm|passwd|handover")
     for name, help_text in (
         ("add", "create an account"),
         ("list", "list accounts"),
         ("rm", "delete an account and everything it owns"),
         ("passwd", "change a password"),
+        ("handover", "give every document and conversation of one owner (e.g. the single-user `local`) to "
+                     "another account"),
     ):
         u = users_sub.add_parser(name, help=help_text)
         _common(u, suppress=True)
         _json_flag(u)
-        if name != "list":
+        if name == "handover":
+            u.add_argument("from_user", metavar="FROM")
+            u.add_argument("username", metavar="TO")
+        elif name != "list":
             u.add_argument("username")
         if name in ("add", "passwd"):
             u.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
@@ -251,7 +254,11 @@ def cmd_serve(args, settings, out):
 
 
 def _ingest_files(ctx, owner_id: int, files: list[str]) -> list[dict[str, Any]]:
+    """Every file's outcome, in order: stored ones with their status, refused ones as `rejected`."""
     from tqdm import tqdm
+
+    from app.ingestion import rejected
+    from app.services import ServiceError
 
     results = []
     for name in files:
@@ -265,7 +272,10 @@ def _ingest_files(ctx, owner_id: int, files: list[str]) -> list[dict[str, Any]]:
                 bar.n = done
                 bar.refresh()
 
-            results.append(ctx.ingestion.ingest_path(owner_id, path, progress=progress))
+            try:
+                results.append(ctx.ingestion.ingest_path(owner_id, path, progress=progress))
+            except ServiceError as exc:  # refused before anything was stored: say so, go on with the rest
+                results.append(rejected(path.name, str(exc)))
     return results
 
 
@@ -354,7 +364,7 @@ def cmd_ask(args, settings, out):
         ):
             if isinstance(item, Answer):
                 final = item
-            elif not args.json:
+            elif isinstance(item, str) and not args.json:
                 out.write(item)
                 out.flush()
     finally:
@@ -416,15 +426,16 @@ def cmd_train(args, settings, out):
 
 
 def cmd_bench(args, settings, out):
-    """Delegates to bench.cli with the app's data dir and model unless the bench options name them."""
-    from bench.cli import main as bench_main
+    """Runs `python -m bench` with the app's data dir and model unless the bench options name them.
+    A child process, not an import: `bench` sits above the app and the app never imports it."""
+    import subprocess
 
     extra = list(args.bench_args)
     if "--data-dir" not in extra:
         extra += ["--data-dir", str(settings.data_dir)]
     if settings.model and "--model" not in extra:
         extra += ["--model", settings.model]
-    if bench_main(extra, prog="sharedllm bench") != 0:
+    if subprocess.run([sys.executable, "-m", "bench", *extra], check=False).returncode != 0:
         raise CliError("benchmark failed")
     return None
 
@@ -441,6 +452,8 @@ def _read_password(args) -> str:
 
 
 def cmd_users(args, settings, out):
+    from app.auth import LOCAL_USER
+
     ctx = _context(settings)
     try:
         auth = ctx.auth
@@ -460,29 +473,24 @@ def cmd_users(args, settings, out):
             if not args.json:
                 out.write(f"password changed for {args.username}\n")
             return {"user": auth.get(args.username).to_dict()}
+        if args.users_command == "handover":
+            source = auth.local_user() if args.from_user == LOCAL_USER else auth.get(args.from_user)
+            given = ctx.documents.hand_over(source.id, auth.get(args.username).id)
+            if not args.json:
+                out.write(
+                    f"gave {len(given['documents'])} document(s) and {len(given['conversations'])} "
+                    f"conversation(s) of {source.username} to {args.username}"
+                    + (f"; {len(given['kept_duplicates'])} already there stayed" if given["kept_duplicates"] else "")
+                    + "\n"
+                )
+            return {"handed_over": given}
         user = auth.get(args.username)
-        paths = _tree_paths_of(ctx, user.id)
-        auth.remove_user(args.username)
-        for path in paths:
-            ctx.tensors.delete(path)
+        ctx.documents.purge_owner(user.id, lambda: auth.remove_user(args.username))
         if not args.json:
             out.write(f"removed user {args.username} and everything it owned\n")
         return {"removed": user.to_dict()}
     finally:
         ctx.close()
-
-
-def _tree_paths_of(ctx, owner_id: int) -> list[str]:
-    from sqlalchemy import select
-
-    from storage import ContextTreeRecord, Document
-
-    with ctx.sessions() as session:
-        return list(
-            session.scalars(
-                select(ContextTreeRecord.path).join(Document).where(Document.owner_id == owner_id)
-            )
-        )
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-ENGINES = ("sharedllm", "actqkv", "full", "rag")
+if TYPE_CHECKING:
+    from app.extraction import ExtractionLimits
+
 # The engine questions use unless the user picks another (SHAREDLLM_ENGINE, the Settings tab, --engine):
 # the best engine for the default model on the project's own quality benchmark (real-PDF QA, the
 # `quality-qwen2.5-0.5b` section of docs/benchmarks.md), until trained SharedLLM weights for that model
@@ -67,8 +69,13 @@ class Settings:
     # Web server bind address. 127.0.0.1 by default: expose it deliberately (docker sets 0.0.0.0).
     host: str = "127.0.0.1"
     port: int = 7860
-    # Largest accepted upload, per file. Enforced by Gradio (max_file_size) and again by the service.
+    # Largest accepted upload, per file. Enforced by Gradio (max_file_size) and by ingestion, whose
+    # extraction limits are built from these settings (`extraction_limits`): one number everywhere.
     max_upload_mb: int = 200
+    # PDF extraction in its child process: pages, wall clock and address space.
+    max_pages: int = 5000
+    extraction_timeout_s: float = 300.0
+    extraction_memory_mb: int = 2048
     # Gradio queue: events running at once per handler (one model, so generation is serialised) and
     # how many may wait before new ones are refused with a "queue full" message.
     concurrency_limit: int = 1
@@ -77,6 +84,14 @@ class Settings:
     engine: str = DEFAULT_ENGINE
     max_new_tokens: int = 256
     temperature: float = 0.0
+    # The most any request may ask for (the UI slider's end; the API and the CLI are held to it too).
+    max_new_tokens_limit: int = 1024
+    max_temperature: float = 2.0
+    # Logins: an account is locked after this many failed attempts within the window (until the
+    # oldest leaves it); one client address is refused (HTTP 429) after the per-client count.
+    login_max_failures: int = 5
+    login_max_failures_per_client: int = 20
+    login_window_s: float = 900.0
     # Passages cited under each answer.
     max_citations: int = 3
     # First-run admin account (docker): created at start-up when no account exists yet.
@@ -84,6 +99,8 @@ class Settings:
     admin_password: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        from app.services.engines import ENGINES  # the one registry of engines
+
         if self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.retrieval_vector not in (None, "last", "mean"):
@@ -92,10 +109,15 @@ class Settings:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")
         for name in (
             "max_upload_mb",
+            "max_pages",
+            "extraction_memory_mb",
             "concurrency_limit",
             "queue_max_size",
             "max_new_tokens",
+            "max_new_tokens_limit",
             "max_citations",
+            "login_max_failures",
+            "login_max_failures_per_client",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -105,8 +127,14 @@ class Settings:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.gpu_tree_cache_gb < 0:
             raise ConfigError(f"gpu_tree_cache_gb must be >= 0, got {self.gpu_tree_cache_gb}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= self.max_temperature:
+            raise ConfigError(f"temperature must be in 0..{self.max_temperature}, got {self.temperature}")
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise ConfigError(
+                f"max_new_tokens ({self.max_new_tokens}) is over max_new_tokens_limit ({self.max_new_tokens_limit})"
+            )
+        if self.login_window_s <= 0:
+            raise ConfigError(f"login_window_s must be > 0, got {self.login_window_s}")
 
     def actqkv_config(self) -> Any:
         """The ActQKV configuration these settings ask for (defaults when `actqkv` is unset)."""
@@ -125,9 +153,21 @@ class Settings:
 
     @property
     def resolved_database_url(self) -> str:
-        if self.database_url:
-            return self.database_url
-        return f"sqlite:///{(self.data_dir / 'sharedllm.db').resolve()}"
+        """database_url, else SQLite in data_dir (storage's one definition of that URL)."""
+        from storage.db import sqlite_url
+
+        return self.database_url or sqlite_url(self.data_dir)
+
+    def extraction_limits(self) -> ExtractionLimits:
+        """The bounds of one PDF extraction, from these settings (the upload limit included)."""
+        from app.extraction import ExtractionLimits
+
+        return ExtractionLimits(
+            timeout_s=self.extraction_timeout_s,
+            memory_bytes=self.extraction_memory_mb * 2**20,
+            max_file_bytes=self.max_upload_bytes,
+            max_pages=self.max_pages,
+        )
 
     @property
     def uploads_dir(self) -> Path:

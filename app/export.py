@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,10 @@ def export(transcript: dict[str, Any], fmt: str) -> bytes:
 
 
 def default_filename(transcript: dict[str, Any], fmt: str) -> str:
-    return f"conversation-{transcript['id']}.{fmt}"
+    """Named after the conversation's title and day, not its id (ids count every user's conversations)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", str(transcript.get("title") or "")).strip("-")[:60] or "conversation"
+    day = str(transcript.get("created_at") or "")[:10]
+    return f"{slug}-{day}.{fmt}" if re.fullmatch(r"\d{4}-\d{2}-\d{2}", day) else f"{slug}.{fmt}"
 
 
 def to_json(transcript: dict[str, Any]) -> str:
@@ -101,11 +105,23 @@ def to_markdown(transcript: dict[str, Any]) -> str:
             lines += ["", "**Sources**", ""]
             for i, citation in enumerate(citations, 1):
                 quote = " ".join(str(citation.get("text", "")).split())
-                lines.append(f"{i}. *{citation_label(citation)}*: > {quote}")
+                # the quote on its own line, indented under its list item: a blockquote, not "> " text
+                lines += [f"{i}. *{citation_label(citation)}*", "", f"   > {quote}", ""]
         timing = _timing_line(message.get("timings"))
         if timing:
             lines += ["", f"_{message.get('engine', '')}: {timing}_"]
     return "\n".join(lines) + "\n"
+
+
+# Fonts with CJK glyphs, used where DejaVu has none (Debian: fonts-droid-fallback, fonts-noto-cjk).
+CJK_FONTS = (
+    Path("/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf"),
+    Path("/usr/share/fonts-droid-fallback/truetype/DroidSansFallback.ttf"),
+)
+
+
+def _cjk_font_path() -> Path | None:
+    return next((p for p in CJK_FONTS if p.exists()), None)
 
 
 def _font_path() -> Path | None:
@@ -131,6 +147,12 @@ def to_pdf(transcript: dict[str, Any]) -> bytes:
         pdf.add_font("DejaVu", "B", str(font.with_name("DejaVuSans-Bold.ttf")))
         pdf.add_font("DejaVu", "I", str(font.with_name("DejaVuSans-Oblique.ttf")))
         family = "DejaVu"
+        cjk = _cjk_font_path()
+        if cjk is not None:  # glyphs DejaVu lacks (Chinese, Japanese, Korean) come from this one
+            pdf.add_font("CJK", "", str(cjk))
+            pdf.set_fallback_fonts(["CJK"], exact_match=False)
+        else:
+            logger.warning("no CJK font installed (apt-get install fonts-droid-fallback): CJK text is dropped from PDF exports")
     else:
         logger.warning("DejaVu font not found; PDF export falls back to Latin-1 Helvetica")
         family = "Helvetica"

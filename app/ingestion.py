@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
+import time
 import uuid
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
@@ -33,6 +33,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.extraction import OK, ExtractionLimits, extract_pdf
+from app.services.derived_state import is_derived_state
+from app.services.documents import TOKEN_IDS_KEY, document_dict
+from app.services.errors import BadRequest, NotFound, NotReady, ServiceError
+from app.services.language_model import LanguageModel
 from storage import (
     ACTIVE_STATUSES,
     Chunk,
@@ -47,37 +51,24 @@ from storage.tensors import fsync_dir
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[str, int, int], None]  # (stage "extract" | "encode", done, total)
-TOKEN_IDS_KEY = "doc.token_ids"
+ProgressFn = Callable[[str, int, int], None]  # (stage "extract" | "encode" | "prompt", done, total)
 PAGE_SEPARATOR = "\n\n"
 UPLOAD_TMP_SUFFIX = ".tmp"
 
 
-class IngestionError(Exception):
-    """Base of the errors this service raises (bad files are statuses, not exceptions)."""
+class IngestionError(ServiceError):
+    """The upload could not be claimed (bad files are statuses, not exceptions)."""
 
 
-class DocumentNotFound(IngestionError, LookupError):
-    """No such document for this owner (a foreign document looks exactly like a missing one)."""
-
-
-class DocumentNotReady(IngestionError):
-    """The document exists but has no usable text (status other than ready)."""
-
-
-@dataclass
-class LoadedTree:
-    """What QA needs of one document: its tree and its token ids (both memory-mapped)."""
-
-    document: Document
-    tree: Any  # model.ContextTree
-    token_ids: torch.Tensor  # (n_tokens,) int32
+def rejected(name: str, reason: str) -> dict[str, Any]:
+    """The outcome of a file refused before anything was stored (too large, not a PDF, missing)."""
+    return {"id": None, "name": name, "pages": 0, "tokens": 0, "status": "rejected", "error": reason,
+            "seconds": 0.0}
 
 
 @dataclass
 class RecoveryReport:
     failed_documents: list[int] = field(default_factory=list)
-    retried_documents: list[int] = field(default_factory=list)
     removed_files: list[str] = field(default_factory=list)
 
 
@@ -114,32 +105,62 @@ def chunk_rows(document_id: int, tokenized: Tokenized, chunk_len: int, decode: C
     return rows
 
 
-def _default_tree_factory(tensors: dict[str, torch.Tensor]) -> Any:
-    from model import ContextTree
-
-    return ContextTree.from_tensors(tensors)
-
-
 class IngestionService:
-    """Turns PDFs into stored documents for one loaded model; safe to share between threads."""
+    """Turns PDFs into stored documents with the app's model; safe to share between threads."""
 
     def __init__(
         self,
         session_factory: sessionmaker[Session],
         tensor_store: TensorStore,
-        loaded_model: Any,
+        model: Callable[[], LanguageModel],
         *,
-        uploads_dir: Path | None = None,
-        limits: ExtractionLimits | None = None,
-        tree_factory: Callable[[dict[str, torch.Tensor]], Any] = _default_tree_factory,
+        uploads_dir: Path,
+        limits: ExtractionLimits,
+        on_ready: Callable[[int, int, ProgressFn | None], None] | None = None,
+        encode_trees: bool = True,
     ) -> None:
+        """`model` returns the loaded model (loading it on first use: a rejected file costs no model);
+        `limits` come from `Settings.extraction_limits()` (one upload limit everywhere); `on_ready`
+        runs after a document became ready (the app warms its engine's state there). `encode_trees`:
+        encode the SharedLLM context tree before the document is ready; the app sets it only when
+        `sharedllm` is its engine, otherwise a tree is built on the first `sharedllm` question (the
+        library's repair path), so a library does not pay for an engine it never uses."""
         self.sessions = session_factory
         self.tensors = tensor_store
-        self.lm = loaded_model
-        # Default: next to the tensor store, i.e. <data_dir>/uploads when the store is <data_dir>/trees.
-        self.uploads_dir = Path(uploads_dir) if uploads_dir else Path(tensor_store.root).parent / "uploads"
-        self.limits = limits or ExtractionLimits()
-        self.tree_factory = tree_factory
+        self._model = model
+        self.uploads_dir = Path(uploads_dir)
+        self.limits = limits
+        self._on_ready = on_ready
+        self.encode_trees = encode_trees
+
+    @property
+    def lm(self) -> LanguageModel:
+        return self._model()
+
+    def check_file(self, path: Path, name: str | None = None) -> None:
+        """Cheap checks before anything is copied: exists, within the upload limit, looks like a PDF."""
+        name = name or path.name
+        if not path.is_file():
+            raise BadRequest(f"{name}: file not found")
+        size, limit = path.stat().st_size, self.limits.max_file_bytes
+        if size > limit:
+            raise BadRequest(f"{name}: {size / 2**20:.1f} MB is over the {limit // 2**20} MB upload limit")
+        if not name.lower().endswith(".pdf"):
+            raise BadRequest(f"{name}: only PDF files are accepted")
+
+    def ingest_path(self, owner_id: int, path: Path | str, name: str | None = None,
+                    progress: ProgressFn | None = None) -> dict[str, Any]:
+        """Ingest one PDF for owner_id; returns the document as a dict plus `seconds`. BadRequest for a
+        file refused before anything is stored; unusable files come back with their status and error."""
+        path = Path(path)
+        name = name or path.name
+        self.check_file(path, name)
+        started = time.perf_counter()
+        info = document_dict(self.ingest(owner_id, path, name=name, progress=progress))
+        if info["status"] == DocumentStatus.READY.value and self._on_ready is not None:
+            self._on_ready(owner_id, info["id"], progress)
+        info["seconds"] = round(time.perf_counter() - started, 3)
+        return info
 
     # --- ingest ---------------------------------------------------------------------------------
     def ingest(self, owner_id: int, path: Path | str, name: str | None = None,
@@ -163,7 +184,7 @@ class IngestionService:
         if not process:
             doc = self._fetch(doc_id)
             if doc.status == DocumentStatus.READY.value:
-                self.ensure_tree(doc, self.lm, progress)
+                self._ensure_tree(doc.id, self.lm, progress)
             log.info("%s: already stored as document %d (%s)", name, doc_id, doc.status)
             return doc
         return self._process(doc_id, final, progress)
@@ -171,12 +192,13 @@ class IngestionService:
     def _stage_upload(self, owner_id: int, path: Path) -> tuple[Path, str, int]:
         """Copy the upload to a temporary private file, hashing it on the way."""
         directory = self.uploads_dir / str(int(owner_id))
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.chmod(0o700)
         staged = directory / f".{uuid.uuid4().hex}{UPLOAD_TMP_SUFFIX}"
         digest = hashlib.sha256()
         size = 0
-        try:
-            with open(path, "rb") as src, open(staged, "wb") as dst:
+        try:  # 0600 like the trees: a user's PDFs are readable by the server's account only
+            with open(path, "rb") as src, os.fdopen(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as dst:
                 while block := src.read(1 << 20):
                     digest.update(block)
                     dst.write(block)
@@ -214,6 +236,7 @@ class IngestionService:
 
     def _process(self, doc_id: int, upload: Path, progress: ProgressFn | None) -> Document:
         stage = "extract"
+        lm = self.lm
         try:
             self._set_status(doc_id, DocumentStatus.EXTRACTING)
             extracted = extract_pdf(upload, self.limits, progress)
@@ -221,7 +244,7 @@ class IngestionService:
                 upload.unlink(missing_ok=True)  # nothing of an unusable file is kept but its row
                 return self._finish(doc_id, extracted.status, extracted.reason, pages=extracted.n_pages)
             stage = "tokenize"
-            tokenized = tokenize_pages(self.lm.tokenizer, extracted.pages)
+            tokenized = tokenize_pages(lm.tokenizer, extracted.pages)
             if not tokenized.token_ids:
                 upload.unlink(missing_ok=True)
                 return self._finish(doc_id, DocumentStatus.NO_TEXT_LAYER.value, "no text after normalisation",
@@ -229,36 +252,40 @@ class IngestionService:
             with self.sessions.begin() as s:
                 doc = s.get(Document, doc_id)
                 _clear_derived_rows(s, doc_id)
-                self._add_page_rows(s, doc_id, extracted.pages, tokenized)
-                doc.status, doc.pages, doc.tokens = DocumentStatus.ENCODING.value, extracted.n_pages, len(tokenized.token_ids)
-            stage = "encode"
-            self._encode_and_store(doc_id, tokenized.token_ids, self.lm, progress)
+                self._add_page_rows(s, doc_id, extracted.pages, tokenized, lm)
+                doc.pages, doc.tokens = extracted.n_pages, len(tokenized.token_ids)
+                doc.status = (DocumentStatus.ENCODING if self.encode_trees else DocumentStatus.READY).value
+            if self.encode_trees:
+                stage = "encode"
+                self._encode_and_store(doc_id, tokenized.token_ids, lm, progress)
             return self._fetch(doc_id)
         except Exception as exc:
             log.exception("ingestion of document %d failed while %s", doc_id, stage)
             upload.unlink(missing_ok=True)
             return self._finish(doc_id, DocumentStatus.FAILED.value, f"{stage} failed: {type(exc).__name__}: {exc}"[:1000])
 
-    def _add_page_rows(self, s: Session, doc_id: int, pages: list[str], tokenized: Tokenized) -> None:
+    @staticmethod
+    def _add_page_rows(s: Session, doc_id: int, pages: list[str], tokenized: Tokenized, lm: LanguageModel) -> None:
         s.add_all(Page(document_id=doc_id, number=number, text=text, token_start=start, token_end=end)
                   for number, (text, (start, end)) in enumerate(zip(pages, tokenized.page_spans), 1))
-        s.add_all(chunk_rows(doc_id, tokenized, self.lm.config.chunk_len, self._decode))
+        s.add_all(chunk_rows(doc_id, tokenized, lm.config.chunk_len, lm.tokenizer.decode))
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.lm.tokenizer.decode(ids)
-
-    def _encode_and_store(self, doc_id: int, token_ids: list[int], lm: Any,
+    def _encode_and_store(self, doc_id: int, token_ids: list[int], lm: LanguageModel,
                           progress: ProgressFn | None) -> ContextTreeRecord:
         """Encode, write the file atomically, then in one transaction record it and mark ready."""
         encode_progress = (lambda done, total: progress("encode", done, total)) if progress else None
+        if encode_progress:  # the bar says "encoding" from the start, not "reading text" until the first chunk
+            encode_progress(0, 1)
         tree = lm.encode_tree(token_ids, encode_progress)
         tensors = dict(tree.to_tensors())
         tensors[TOKEN_IDS_KEY] = torch.tensor(token_ids, dtype=torch.int32)
-        stored = self.tensors.save(doc_id, lm.fingerprint, tensors, metadata={"model": str(getattr(lm, "name", ""))})
+        stored = self.tensors.save(doc_id, lm.fingerprint, tensors, metadata={"model": lm.name})
         stale: list[str] = []
         try:
             with self.sessions.begin() as s:
                 for old in s.scalars(select(ContextTreeRecord).where(ContextTreeRecord.document_id == doc_id)):
+                    if is_derived_state(old.fingerprint):  # prompt caches, actqkv states: checked on use
+                        continue
                     if old.path != stored.path:
                         stale.append(old.path)
                     s.delete(old)
@@ -277,27 +304,34 @@ class IngestionService:
         return record
 
     # --- trees ----------------------------------------------------------------------------------
-    def ensure_tree(self, document: Document, lm: Any | None = None,
-                    progress: ProgressFn | None = None) -> ContextTreeRecord:
-        """A verified tree record for `lm`'s fingerprint, re-encoding when missing, damaged or stale."""
-        lm = lm or self.lm
+    def ensure_tree(self, owner_id: int, document_id: int) -> None:
+        """Re-encode the owner's ready document whose tree is missing, damaged or from another model
+        (the library calls it when a stored tree cannot be used)."""
         with self.sessions() as s:
-            record = s.scalar(select(ContextTreeRecord).where(ContextTreeRecord.document_id == document.id,
+            found = s.scalar(select(Document.id).where(Document.id == document_id, Document.owner_id == owner_id))
+        if found is None:
+            raise NotFound(f"document {document_id} not found")
+        self._ensure_tree(document_id, self.lm, None)
+
+    def _ensure_tree(self, doc_id: int, lm: LanguageModel, progress: ProgressFn | None) -> ContextTreeRecord:
+        """A verified tree record for `lm`'s fingerprint, re-encoding when missing, damaged or stale."""
+        with self.sessions() as s:
+            record = s.scalar(select(ContextTreeRecord).where(ContextTreeRecord.document_id == doc_id,
                                                               ContextTreeRecord.fingerprint == lm.fingerprint))
-            status = s.scalar(select(Document.status).where(Document.id == document.id))
+            status = s.scalar(select(Document.status).where(Document.id == doc_id))
         if status != DocumentStatus.READY.value:
-            raise DocumentNotReady(f"document {document.id} is {status}")
+            raise NotReady(f"document {doc_id} is {status}")
         if record is not None:
             try:
                 self.tensors.verify(record.path, record.sha256)
                 return record
             except TensorStoreError as exc:
-                log.warning("document %d: stored tree unusable (%s); re-encoding", document.id, exc)
+                log.warning("document %d: stored tree unusable (%s); re-encoding", doc_id, exc)
         else:
-            log.info("document %d: no tree for model %s; encoding", document.id, lm.fingerprint[:12])
-        return self._reencode(document.id, lm, progress)
+            log.info("document %d: no tree for model %s; encoding", doc_id, lm.fingerprint[:12])
+        return self._reencode(doc_id, lm, progress)
 
-    def _reencode(self, doc_id: int, lm: Any, progress: ProgressFn | None) -> ContextTreeRecord:
+    def _reencode(self, doc_id: int, lm: LanguageModel, progress: ProgressFn | None) -> ContextTreeRecord:
         """Re-tokenize the stored page texts with `lm` (its tokenizer or chunk length may differ)."""
         with self.sessions.begin() as s:
             pages = [p.text for p in s.scalars(select(Page).where(Page.document_id == doc_id).order_by(Page.number))]
@@ -310,61 +344,13 @@ class IngestionService:
             s.get(Document, doc_id).tokens = len(tokenized.token_ids)
         return self._encode_and_store(doc_id, tokenized.token_ids, lm, progress)
 
-    def load_trees(self, owner_id: int, document_ids: list[int], lm: Any | None = None) -> list[LoadedTree]:
-        """The owner's documents' trees, in the order asked, memory-mapped and verified."""
-        lm = lm or self.lm
-        out = []
-        for doc_id in document_ids:
-            doc = self.get_document(owner_id, doc_id)
-            if doc is None:
-                raise DocumentNotFound(f"document {doc_id} not found")
-            record = self.ensure_tree(doc, lm)
-            try:
-                tensors = self.tensors.load(record.path, None)  # verified by ensure_tree just now
-            except TensorStoreError:
-                record = self._reencode(doc.id, lm, None)
-                tensors = self.tensors.load(record.path, record.sha256)
-            token_ids = tensors.pop(TOKEN_IDS_KEY)
-            out.append(LoadedTree(document=doc, tree=self.tree_factory(tensors), token_ids=token_ids))
-        return out
-
-    # --- library --------------------------------------------------------------------------------
-    def get_document(self, owner_id: int, doc_id: int) -> Document | None:
-        with self.sessions() as s:
-            doc = s.scalar(select(Document).where(Document.id == doc_id, Document.owner_id == owner_id))
-            if doc is not None:
-                s.expunge(doc)
-            return doc
-
-    def list_documents(self, owner_id: int) -> list[Document]:
-        with self.sessions() as s:
-            docs = list(s.scalars(select(Document).where(Document.owner_id == owner_id).order_by(Document.id)))
-            s.expunge_all()
-            return docs
-
-    def delete_document(self, owner_id: int, doc_id: int) -> bool:
-        """Delete the rows (pages, chunks, trees cascade) then the files; False if not the owner's."""
-        with self.sessions.begin() as s:
-            doc = s.scalar(select(Document).where(Document.id == doc_id, Document.owner_id == owner_id))
-            if doc is None:
-                return False
-            paths = list(s.scalars(select(ContextTreeRecord.path).where(ContextTreeRecord.document_id == doc_id)))
-            upload = self._upload_path(owner_id, doc.sha256)
-            s.delete(doc)
-        for path in paths:
-            self.tensors.delete(path)
-        upload.unlink(missing_ok=True)
-        shutil.rmtree(Path(self.tensors.root) / str(doc_id), ignore_errors=True)
-        log.info("deleted document %d of user %d", doc_id, owner_id)
-        return True
-
     # --- recovery -------------------------------------------------------------------------------
-    def recover(self, retry: bool = False) -> RecoveryReport:
+    def recover(self) -> RecoveryReport:
         """Start-up repair: finish off interrupted ingestions and delete orphan files.
 
         Rows left in pending/extracting/encoding lose their pages/chunks/trees and become `failed`
-        ("interrupted"), or, with retry=True and their upload intact, are ingested again. Must run
-        before this process (or any other) starts ingesting: in-flight files look like orphans.
+        ("interrupted"; uploading the file again retries it). Must run before this process (or any
+        other) starts ingesting: in-flight files look like orphans.
         """
         report = RecoveryReport()
         with self.sessions.begin() as s:
@@ -377,20 +363,8 @@ class IngestionService:
             keep = set(s.scalars(select(ContextTreeRecord.path)))
             uploads = {(str(o), f"{h}.pdf") for o, h in s.execute(
                 select(Document.owner_id, Document.sha256).where(Document.status == DocumentStatus.READY.value))}
-            retry_ids = {d.id: d for d in s.scalars(select(Document).where(Document.id.in_(report.failed_documents)))}
         report.removed_files += self.tensors.cleanup(keep)
-        if retry:
-            for doc in retry_ids.values():
-                upload = self._upload_path(doc.owner_id, doc.sha256)
-                if upload.is_file():
-                    uploads.add((str(doc.owner_id), upload.name))
         report.removed_files += self._clean_uploads(uploads)
-        if retry:
-            for doc_id, doc in retry_ids.items():
-                upload = self._upload_path(doc.owner_id, doc.sha256)
-                if upload.is_file() and self._claim(doc.owner_id, doc.sha256, doc.name, doc.size_bytes)[1]:
-                    self._process(doc_id, upload, None)
-                    report.retried_documents.append(doc_id)
         if report.failed_documents or report.removed_files:
             log.warning("recovery: %d interrupted document(s), %d file(s) removed",
                         len(report.failed_documents), len(report.removed_files))

@@ -39,10 +39,25 @@ def _result(status: str, reason: str | None = None, pages: list[str] | None = No
     return {"status": status, "reason": reason, "pages": pages or [], "n_pages": n_pages, "maxrss_kb": maxrss_kb}
 
 
+def _over_decompression_limit(page) -> bool:
+    """pypdf's text extraction swallows its own decompression limit and returns no text: an empty
+    page is asked once more, directly, whether its content stream is over the limit."""
+    from pypdf.errors import LimitReachedError
+
+    try:
+        page.get_contents()
+    except LimitReachedError:
+        return True
+    except Exception:  # anything else broken about an empty page is not a bomb
+        return False
+    return False
+
+
 def extract(path: str, max_pages: int) -> dict:
     """Open, decrypt with the empty password if needed, extract and normalise every page."""
     from pypdf import PasswordType, PdfReader
-    from pypdf.errors import DependencyError, FileNotDecryptedError, PdfReadError
+    from pypdf._configuration import get_configuration
+    from pypdf.errors import DependencyError, FileNotDecryptedError, LimitReachedError, PdfReadError
 
     from app.pdf_text import has_text, normalise_pages
 
@@ -64,17 +79,30 @@ def extract(path: str, max_pages: int) -> dict:
     if n_pages > max_pages:
         return _result("failed", f"too large: {n_pages} pages (limit {max_pages})", n_pages=n_pages)
     raw: list[str] = []
-    bad_pages = 0
+    bad_pages = bombs = 0
     for index in range(n_pages):
         try:
             raw.append(reader.pages[index].extract_text() or "")
         except MemoryError:
             raise
+        except LimitReachedError:
+            raw.append("")
+            bombs += 1
         except Exception as exc:  # one broken page must not lose the document
             logging.getLogger(__name__).warning("page %d: %s", index + 1, exc)
             raw.append("")
             bad_pages += 1
+        else:
+            bombs += not raw[-1].strip() and _over_decompression_limit(reader.pages[index])
         _emit({"progress": [index + 1, n_pages]})
+    if bombs and not has_text(raw):
+        limit_mb = get_configuration().zlib_maximum_output_length / 1e6
+        return _result(
+            "failed",
+            f"decompression limit: {bombs} of {n_pages} page(s) hold a stream that decompresses to more than "
+            f"{limit_mb:g} MB (a decompression bomb?); nothing was extracted",
+            n_pages=n_pages,
+        )
     if bad_pages == n_pages:
         return _result("failed", "corrupt PDF: no page could be read", n_pages=n_pages)
     pages = normalise_pages(raw)

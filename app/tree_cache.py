@@ -1,11 +1,12 @@
-"""Trees of recently asked documents, kept on the model's device (the GPU).
+"""Loaded context trees, one cache in two tiers, keyed by (tree file path, sha256).
 
-Without it every question maps the stored tree and copies its memory to the GPU: on an H200 with
-Llama-2-7B shapes that is 1.9 s of a 128K-token document's TTFT, against 0.10 s when the tree's K/V
-already sit in GPU memory (docs/benchmarks.md, section "GPU"). Keyed by (tree path, sha256), so a
-re-encoded or replaced tree is a new entry and the old one is dropped; bounded in bytes, least
-recently used out first. Callers check ownership before they ask (DocumentService.load_for_qa
-filters by owner first).
+Host tier: the last `host_entries` trees as loaded from the store (memory-mapped; their checksum is
+verified once, when loaded, not per question). Device tier (CUDA only, bounded in bytes): trees whose
+K/V were moved to the GPU: on an H200 with Llama-2-7B shapes a 128K-token document's TTFT is 1.9 s
+with the memory copied from the store per question, 0.10 s with the tree resident (docs/benchmarks.md,
+"GPU"). A tree lives in one tier. A re-encoded or replaced tree has a new sha256, so it is a new entry
+and `discard(path, keep_sha256=...)` drops the old one from both tiers. Callers check ownership
+before they ask (the library filters by owner first).
 """
 
 from __future__ import annotations
@@ -13,61 +14,79 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
 
+Key = tuple[str, str]  # (tree file path, sha256)
+Entry = tuple[Any, Any]  # (tree, token ids)
 
-class DeviceTreeCache:
-    def __init__(self, max_bytes: int, device: Any) -> None:
-        self.max_bytes = int(max_bytes)
-        self.device = device
-        self._entries: OrderedDict[tuple[str, str], tuple[Any, Any, int]] = OrderedDict()
+
+class TreeCache:
+    def __init__(self, host_entries: int = 8, device_bytes: int = 0,
+                 device: Callable[[], Any] | None = None, device_types: tuple[str, ...] = ("cuda",)) -> None:
+        """`device` returns the model's device when first needed (the model loads lazily); the device
+        tier is used only when that device's type is in `device_types` and `device_bytes` > 0 (on a
+        CPU the store's memory map already serves a tree without a copy; tests pass "cpu")."""
+        self.host_entries = host_entries
+        self.device_types = device_types
+        self.device_bytes = int(device_bytes)
+        self._device = device
+        self._host: OrderedDict[Key, Entry] = OrderedDict()
+        self._on_device: OrderedDict[Key, tuple[Any, Any, int]] = OrderedDict()
+        self.bytes_on_device = 0
         self._lock = threading.Lock()
-        self.bytes = 0
 
-    @classmethod
-    def for_model(cls, lm: Any, gigabytes: float) -> DeviceTreeCache | None:
-        """A cache on the model's device when that is a GPU and the budget is positive, else None
-        (on a CPU the store's memory map already serves the tree without a copy)."""
-        device = getattr(lm, "device", None)
-        if gigabytes <= 0 or getattr(device, "type", "cpu") != "cuda":
+    def get(self, path: str, sha256: str) -> Entry | None:
+        key = (path, sha256)
+        with self._lock:
+            for tier in (self._on_device, self._host):
+                if key in tier:
+                    tier.move_to_end(key)
+                    return tier[key][0], tier[key][1]
+        return None
+
+    def put(self, path: str, sha256: str, tree: Any, token_ids: Any) -> Entry:
+        """Keeps a freshly loaded tree (on the GPU when it fits the device budget); returns it as kept."""
+        device = self._gpu()
+        size = int(tree.nbytes()) if device is not None else 0
+        if device is not None and size <= self.device_bytes:
+            tree = tree.kv_to(device)
+            with self._lock:
+                self._discard_locked(path)
+                self._on_device[(path, sha256)] = (tree, token_ids, size)
+                self.bytes_on_device += size
+                while self.bytes_on_device > self.device_bytes:
+                    (old, _), (_, _, old_size) = self._on_device.popitem(last=False)
+                    self.bytes_on_device -= old_size
+                    log.info("tree cache: evicted %s from the device (%d bytes)", old, old_size)
+            return tree, token_ids
+        with self._lock:
+            self._discard_locked(path)
+            self._host[(path, sha256)] = (tree, token_ids)
+            while len(self._host) > self.host_entries:
+                self._host.popitem(last=False)
+        return tree, token_ids
+
+    def discard(self, path: str, keep_sha256: str | None = None) -> None:
+        """Drops the entries of `path` (all, or all but the version `keep_sha256`) from both tiers."""
+        with self._lock:
+            self._discard_locked(path, keep_sha256)
+
+    def _discard_locked(self, path: str, keep_sha256: str | None = None) -> None:
+        for key in [k for k in self._host if k[0] == path and k[1] != keep_sha256]:
+            del self._host[key]
+        for key in [k for k in self._on_device if k[0] == path and k[1] != keep_sha256]:
+            self.bytes_on_device -= self._on_device.pop(key)[2]
+
+    def _gpu(self) -> Any | None:
+        if self.device_bytes <= 0 or self._device is None:
             return None
-        return cls(int(gigabytes * 2**30), device)
+        device = self._device()
+        return device if getattr(device, "type", str(device)) in self.device_types else None
 
-    def get(self, path: str, sha256: str) -> tuple[Any, Any] | None:
+    def sizes(self) -> tuple[int, int]:
+        """(trees in host memory, trees on the device)."""
         with self._lock:
-            entry = self._entries.get((path, sha256))
-            if entry is None:
-                return None
-            self._entries.move_to_end((path, sha256))
-            return entry[0], entry[1]
-
-    def put(self, path: str, sha256: str, tree: Any, token_ids: Any) -> Any:
-        """Moves the tree's K/V to the device and keeps it (unless larger than the whole budget);
-        returns the tree to use."""
-        size = int(tree.nbytes())
-        if size > self.max_bytes:
-            return tree
-        moved = tree.kv_to(self.device)
-        with self._lock:
-            self._discard_path_locked(path)
-            self._entries[(path, sha256)] = (moved, token_ids, size)
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                (old_path, _), (_, _, old_size) = self._entries.popitem(last=False)
-                self.bytes -= old_size
-                log.info("device tree cache: evicted %s (%d bytes)", old_path, old_size)
-        return moved
-
-    def discard_path(self, path: str, keep_sha256: str | None = None) -> None:
-        """Drops the entries of `path` (all, or all but the version `keep_sha256`)."""
-        with self._lock:
-            self._discard_path_locked(path, keep_sha256)
-
-    def _discard_path_locked(self, path: str, keep_sha256: str | None = None) -> None:
-        for key in [k for k in self._entries if k[0] == path and k[1] != keep_sha256]:
-            self.bytes -= self._entries.pop(key)[2]
-
-    def __len__(self) -> int:
-        return len(self._entries)
+            return len(self._host), len(self._on_device)

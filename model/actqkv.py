@@ -301,8 +301,9 @@ def encode_stream(base: Transformer, ids: list[int], cfg: ActQKVConfig, doc_offs
 class BlockMemory:
     """The question-time memory of one generation over one or more documents' states.
 
-    Owned by one generation (built per turn), so the retrieval selections and the attention mass
-    it accumulates for citations are never shared between concurrent requests."""
+    Owned by one generation (built per turn): its retrieval selections change as it answers, so it is
+    never shared between concurrent requests; the attention mass for citations is the generation's
+    own `attention_mass` (as for SharedLLM's `Memory`)."""
 
     def __init__(self, base: Transformer, states: list[BlockState]) -> None:
         if not states:
@@ -340,9 +341,7 @@ class BlockMemory:
         self._entropies: list[float | None] = [None] * c.n_layer
         self._shares: list[int] = []
         self._decoded = 0
-        self.tracking = False  # set by generate_tokens: attention mass is summed for citations
         self._max_blocks = max(st.n_blocks for st in states)
-        self.mass = torch.zeros(len(states) * self._max_blocks)  # per flat (document, block) id
         self._src: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long)] * c.n_layer
         self._local_src = self._source_ids(len(states) - 1, torch.arange(self.w0, last.length))
 
@@ -387,7 +386,15 @@ class BlockMemory:
         if refreshed and self.pool:
             self.weights = [float(h) for h in self._entropies]
 
-    def attend(self, layer: int, input_pos: torch.Tensor, cache, refresh: bool, q, k, v) -> torch.Tensor:
+    @property
+    def n_positions(self) -> int:
+        """Length of a generation's `attention_mass`: one slot per (document, block)."""
+        return len(self.states) * self._max_blocks
+
+    def attend(self, layer: int, input_pos: torch.Tensor, cache, refresh: bool, mass: torch.Tensor | None,
+               q, k, v) -> torch.Tensor:
+        """One layer's attention over [init, retrieved blocks, local]; with `mass` (n_positions,), the
+        newest query's attention on document blocks is added to it (the generation's citations)."""
         cos, sin = self.base.rope(input_pos, self.dtype)
         q_local = apply_rope(q, cos, sin)
         k_local, v_local = cache.update(input_pos, apply_rope(k, cos, sin), v)
@@ -396,8 +403,8 @@ class BlockMemory:
             self._retrieve(layer, q_global)
         kv = self._kv[layer] if self.has_memory else (None, None)
         out, _, newest = joint_attention(q_local[0], k_local[0], v_local[0], q_global, *kv)
-        if self.tracking:
-            self._track(layer, newest, k_local.shape[2])
+        if mass is not None:
+            self._track(layer, newest, k_local.shape[2], mass)
         return out.transpose(0, 1).reshape(1, q.shape[2], -1)
 
     def _retrieve(self, layer: int, q_global: torch.Tensor) -> None:
@@ -425,12 +432,11 @@ class BlockMemory:
         if self.cfg.memory_positions == "block":  # order inside each block: key t at position t
             keys = [apply_rope(k, self._cos_b[: k.shape[1]], self._sin_b[: k.shape[1]]) for k in keys]
         self._kv[layer] = (torch.cat(keys, 1), torch.cat([v.to(self.device, self.dtype) for v in vs], 1))
-        if self.tracking:
-            B = self.cfg.block_size
-            src = [self._source_ids(0, torch.arange(self.init_tokens))]
-            for d, j in (self.pool[int(p)] for p in chosen):
-                src.append(self._source_ids(d, torch.arange(j * B, min((j + 1) * B, self.states[d].length))))
-            self._src[layer] = torch.cat(src)
+        B = self.cfg.block_size
+        src = [self._source_ids(0, torch.arange(self.init_tokens))]
+        for d, j in (self.pool[int(p)] for p in chosen):
+            src.append(self._source_ids(d, torch.arange(j * B, min((j + 1) * B, self.states[d].length))))
+        self._src[layer] = torch.cat(src)
 
     def _max_token_scores(self, layer: int, probe: torch.Tensor) -> torch.Tensor:
         """`max_token` scores of the pool, in pool order (each document's pool blocks are consecutive)."""
@@ -447,23 +453,23 @@ class BlockMemory:
         ids = d * self._max_blocks + tokens // self.cfg.block_size
         return torch.where(tokens >= self.states[d].doc_offset, ids, torch.full_like(ids, -1))
 
-    def _track(self, layer: int, newest: torch.Tensor, n_local: int) -> None:
+    def _track(self, layer: int, newest: torch.Tensor, n_local: int, mass: torch.Tensor) -> None:
         """Adds the newest query's attention (one layer's share) to its (document, block) sources."""
         s_g = 0 if self._kv[layer] is None else self._kv[layer][0].shape[1]
         window = min(n_local, self._local_src.numel())
         src = torch.cat([self._src[layer] if s_g else self._local_src[:0], self._local_src[:window]])
-        mass = torch.cat([newest[:s_g], newest[s_g:s_g + window]]).float().cpu() / len(self.reprs)
+        share = torch.cat([newest[:s_g], newest[s_g:s_g + window]]).float().to(mass.device) / len(self.reprs)
         keep = src >= 0
-        self.mass.index_add_(0, src[keep], mass[keep])
+        mass.index_add_(0, src[keep].to(mass.device), share[keep])
 
-    def attribution(self, top: int = 16) -> list[Attribution]:
-        """Attention mass per (document, block) on document tokens, largest first."""
-        total = float(self.mass.sum())
+    def attribution(self, mass: torch.Tensor, top: int = 16) -> list[Attribution]:
+        """A generation's attention mass per (document, block) on document tokens, largest first."""
+        total = float(mass.sum())
         if total <= 0:
             return []
         out = []
-        for flat in self.mass.argsort(descending=True)[:top].tolist():
-            m = float(self.mass[flat])
+        for flat in mass.argsort(descending=True)[:top].tolist():
+            m = float(mass[flat])
             if m <= 0:
                 break
             d, j = divmod(flat, self._max_blocks)
@@ -481,11 +487,11 @@ class ActQKVRunner:
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, input_pos: torch.Tensor, memory: BlockMemory, cache,
-                 last_only: bool = False) -> torch.Tensor:
+                 last_only: bool = False, attention_mass: torch.Tensor | None = None) -> torch.Tensor:
         refresh = memory.begin_step(ids.shape[1])
         x = self.base.embed_tokens(ids)
         for i, layer in enumerate(self.base.layers):
-            attend = functools.partial(memory.attend, i, input_pos, cache[i], refresh)
+            attend = functools.partial(memory.attend, i, input_pos, cache[i], refresh, attention_mass)
             x = layer(x, None, None, None, attend=attend)
         memory.end_step(refresh)
         return self.base.output_logits(x[:, -1:] if last_only else x)

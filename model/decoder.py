@@ -151,10 +151,14 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, attn_fn: AttentionFn, cache: KVCache | None = None,
                 input_pos: torch.Tensor | None = None, inject: Injection | None = None,
-                attend: Attend | None = None) -> torch.Tensor:
-        """`attend`, when given, replaces the self-attention read-out over the cache (an engine's own
-        attention over its memory, e.g. ActQKV's block retrieval); q/k/v come from this layer."""
+                kv_out: list | None = None, attend: Attend | None = None) -> torch.Tensor:
+        """`kv_out`: when given, this layer's keys and values (before RoPE) are appended to it (the
+        lower model's node encoding keeps them). `attend`, when given, replaces the self-attention
+        read-out over the cache (an engine's own attention over its memory, e.g. ActQKV's block
+        retrieval); q/k/v come from this layer."""
         q, k, v = self.self_attn.project(self.input_layernorm(x))
+        if kv_out is not None:
+            kv_out.append((k, v))
         if attend is None:
             x = x + self.self_attn.attend(q, k, v, cos, sin, attn_fn, cache, input_pos)
         else:

@@ -7,6 +7,7 @@ uses the model's self-attention KV cache, so each step feeds one token.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -61,26 +62,28 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 @torch.no_grad()
-def prefill(model, prompt_ids: torch.Tensor, memory: Memory | None, cache, start: int = 0) -> torch.Tensor:
+def prefill(model, prompt_ids: torch.Tensor, memory: Memory | None, cache, start: int = 0,
+            attention_mass: torch.Tensor | None = None) -> torch.Tensor:
     """prompt_ids (1, T) -> logits of the last position (V,), filling the KV cache from `start` (the
     positions already in it, e.g. a persisted document prefix)."""
     input_pos = torch.arange(start, start + prompt_ids.shape[1], device=prompt_ids.device)
-    return _forward(model, prompt_ids, input_pos, memory, cache, last_only=True)[0, -1]
+    return _forward(model, prompt_ids, input_pos, memory, cache, True, attention_mass)[0, -1]
 
 
 @torch.no_grad()
 def decode_one_token(model, token: torch.Tensor, input_pos: torch.Tensor, memory: Memory | None,
-                     cache) -> torch.Tensor:
-    """token (1, 1) and input_pos (1,) on the model's device -> logits (V,)."""
-    return _forward(model, token, input_pos, memory, cache)[0, -1]
+                     cache, attention_mass: torch.Tensor | None = None) -> torch.Tensor:
+    """token (1, 1) and input_pos (1,) on the model's device -> logits (V,); with `attention_mass`
+    (P,), this step's cross-attention weights on the memory are added to it (citations)."""
+    return _forward(model, token, input_pos, memory, cache, False, attention_mass)[0, -1]
 
 
 def _forward(model, ids: torch.Tensor, input_pos: torch.Tensor, memory: Memory | None, cache,
-             last_only: bool = False) -> torch.Tensor:
+             last_only: bool = False, attention_mass: torch.Tensor | None = None) -> torch.Tensor:
     """A bare `Transformer` has no memory argument; SharedLLM takes one."""
     if memory is None:
         return model(ids, input_pos, cache=cache, last_only=last_only)
-    return model(ids, input_pos, memory=memory, cache=cache, last_only=last_only)
+    return model(ids, input_pos, memory=memory, cache=cache, last_only=last_only, attention_mass=attention_mass)
 
 
 @dataclass
@@ -111,14 +114,16 @@ def sync_interval(device: torch.device) -> int:
 
 def generate_tokens(model, prompt_ids: Sequence[int], memory: Memory | None, settings: GenerationSettings,
                     eos_ids: Sequence[int] = (), prefix: PrefixState | None = None,
-                    on_prefix=None, step_fn=None) -> Iterator[int]:
+                    on_prefix=None, step_fn=None, attention_mass: torch.Tensor | None = None) -> Iterator[int]:
     """Yields new token ids until EOS (not yielded) or `max_new_tokens`. Owns its KV cache, so
     several generations may run at once on one model (threads share weights, not state).
 
     `prompt_ids` is the whole prompt; with `prefix`, its first `prefix.length` tokens are taken from
     the persisted states instead of being prefilled. `on_prefix(cache)`, when given, is called after
     the prefill so a caller can persist the states of a prefix. `step_fn` replaces
-    `decode_one_token` (a compiled or graphed version; it must use a static cache)."""
+    `decode_one_token` (a compiled or graphed version; it must use a static cache; it is not given
+    `attention_mass`). `attention_mass` (P,) float32, the caller's: the cross-attention mass of every
+    decoding step on the memory's positions is added to it (citations; `model.attribution`)."""
     base = model.base if hasattr(model, "base") else model
     device = base.embed_tokens.weight.device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
@@ -131,33 +136,27 @@ def generate_tokens(model, prompt_ids: Sequence[int], memory: Memory | None, set
         for layer, k, v in zip(cache, prefix.k, prefix.v, strict=True):
             layer.load_prefix(k.to(device, layer.k.dtype), v.to(device, layer.v.dtype))
         start = prefix.length
-    step = step_fn or decode_one_token
+    step = step_fn or functools.partial(decode_one_token, attention_mass=attention_mass)
     every = sync_interval(device)
-    try:
-        if memory is not None:
-            memory.tracking = True
-        logits = prefill(model, ids[:, start:], memory, cache, start)
-        if on_prefix is not None:
-            on_prefix(cache)
-        input_pos = torch.tensor([ids.shape[1]], device=device)
-        pending: list[torch.Tensor] = []
-        for n in range(settings.max_new_tokens):
-            token = sample(logits, settings.temperature, settings.top_p, generator)
-            pending.append(token)
-            last = n + 1 == settings.max_new_tokens
-            if len(pending) == every or last:
-                for tid in torch.stack(pending).tolist():
-                    if tid in eos_ids:
-                        return
-                    yield tid
-                pending.clear()
-            if last:
-                return
-            logits = step(model, token.view(1, 1), input_pos, memory, cache)
-            input_pos = input_pos + 1
-    finally:
-        if memory is not None:
-            memory.tracking = False
+    logits = prefill(model, ids[:, start:], memory, cache, start, attention_mass)
+    if on_prefix is not None:
+        on_prefix(cache)
+    input_pos = torch.tensor([ids.shape[1]], device=device)
+    pending: list[torch.Tensor] = []
+    for n in range(settings.max_new_tokens):
+        token = sample(logits, settings.temperature, settings.top_p, generator)
+        pending.append(token)
+        last = n + 1 == settings.max_new_tokens
+        if len(pending) == every or last:
+            for tid in torch.stack(pending).tolist():
+                if tid in eos_ids:
+                    return
+                yield tid
+            pending.clear()
+        if last:
+            return
+        logits = step(model, token.view(1, 1), input_pos, memory, cache)
+        input_pos = input_pos + 1
 
 
 class TextStream:
@@ -174,6 +173,9 @@ class TextStream:
         self.prompt_ids, self.settings, self.eos_ids = prompt_ids, settings, eos_ids
         self.retrieval_s = retrieval_s
         self.prefix, self.on_prefix, self.step_fn = prefix, on_prefix, step_fn
+        # this answer's cross-attention per memory position (P,): its own, so one memory can serve
+        # several generations at once
+        self.attention_mass = torch.zeros(memory.n_positions) if memory is not None else None
         self.result = GenerationResult(prompt_tokens=len(prompt_ids))
 
     def __iter__(self) -> Iterator[str]:
@@ -181,7 +183,7 @@ class TextStream:
         emitted, tokens, first_at = "", [], None
         finish = "length"
         for token in generate_tokens(self.model, self.prompt_ids, self.memory, self.settings, self.eos_ids,
-                                     self.prefix, self.on_prefix, self.step_fn):
+                                     self.prefix, self.on_prefix, self.step_fn, self.attention_mass):
             first_at = first_at or time.perf_counter()
             tokens.append(token)
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -209,7 +211,7 @@ class TextStream:
             ttft_s=(first_at or end) - start + self.retrieval_s, total_s=end - start + self.retrieval_s,
             tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
             finish_reason=finish, token_ids=tokens,
-            attribution=attribute(self.memory) if self.memory is not None else [],
+            attribution=attribute(self.memory, self.attention_mass) if self.memory is not None else [],
         )
 
 

@@ -5,13 +5,14 @@ Layout (P = memory positions, in chunk order; within a chunk, in document order)
     mask          (1, 1, 1, P) bool or None (None when every slot is filled)
     doc_index, chunk_index  (P,) int64  which document / chunk each position belongs to
     spans         (P, 2) int64          [start, end) document token offsets the position summarises
-    mass          (P,) float32          cross-attention mass accumulated while generating (citations)
-Lifecycle: built once per turn by `build_memory`, read by every decoding step, discarded after.
+Lifecycle: built once per turn by `build_memory`, read (never written) by every decoding step,
+discarded after. The cross-attention mass that cites pages belongs to each generation, not to the
+memory (`generate_tokens(attention_mass=...)`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -30,19 +31,10 @@ class Memory:
     doc_index: torch.Tensor
     chunk_index: torch.Tensor
     spans: torch.Tensor
-    mass: torch.Tensor = field(default=None)  # type: ignore[assignment]
-    tracking: bool = False
-
-    def __post_init__(self) -> None:
-        if self.mass is None:
-            self.mass = torch.zeros(self.keys.shape[3], dtype=torch.float32)
 
     @property
     def n_positions(self) -> int:
         return self.keys.shape[3]
-
-    def reset_mass(self) -> None:
-        self.mass.zero_()
 
 
 def slot_order(tree: ContextTree, preserved: list[torch.Tensor], chunks: torch.Tensor):

@@ -67,13 +67,17 @@ class SharedLLM(nn.Module):
 
     # --- running text ------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
-                memory: Memory | None = None, cache=None, last_only: bool = False) -> torch.Tensor:
+                memory: Memory | None = None, cache=None, last_only: bool = False,
+                attention_mass: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V); with a memory, cross-attends to it in layers < M.
-        `input_pos` + `cache` (from `self.base.new_cache`) for incremental decoding."""
-        injections = None if memory is None else self._injections(memory, input_ids.shape[0])
+        `input_pos` + `cache` (from `self.base.new_cache`) for incremental decoding.
+        `attention_mass` (P,) float32, owned by the caller (one per generation, so a memory can be
+        read by several at once): the last injected layer adds the newest position's cross-attention
+        weights to it, averaged over heads (citations)."""
+        injections = None if memory is None else self._injections(memory, input_ids.shape[0], attention_mass)
         return self.base(input_ids, input_pos, injections, cache, last_only)
 
-    def _injections(self, memory: Memory, batch: int):
+    def _injections(self, memory: Memory, batch: int, attention_mass: torch.Tensor | None):
         dtype = self.base.embed_tokens.weight.dtype
         position = torch.tensor([memory.n_chunks], device=memory.keys.device)
         cos, sin = rope_angles(self.base.inv_freq, position, dtype)  # (1, hd): every query sits at n
@@ -86,10 +90,10 @@ class SharedLLM(nn.Module):
             values = memory.values[i].expand(batch, -1, -1, -1)
 
             def inject(x: torch.Tensor) -> torch.Tensor:
-                if memory.tracking and i == tracked:
+                if attention_mass is not None and i == tracked:
                     q = block.queries(x[:, -1:], cos, sin)  # (B, nh, 1, hd) last row only
                     weights = CrossAttention.attention_weights(q, keys, memory.mask)  # (B, nh, 1, P)
-                    memory.mass += weights.sum(dim=(0, 1, 2)).cpu() / weights.shape[1]
+                    attention_mass.add_(weights.sum(dim=(0, 1, 2)).cpu() / weights.shape[1])
                 return block(x, keys, values, cos, sin, attn_fn, memory.mask)
 
             return inject

@@ -20,6 +20,14 @@ from storage import ContextTreeRecord, TensorStore, TensorStoreError
 
 logger = logging.getLogger(__name__)
 
+# fingerprints of derived states (not trees): each checks its own validity (token ids, source digest),
+# so re-encoding a document's tree leaves them alone
+DERIVED_PREFIXES = ("prompt-", "actqkv-")
+
+
+def is_derived_state(fingerprint: str) -> bool:
+    return fingerprint.startswith(DERIVED_PREFIXES)
+
 
 class DerivedStateStore:
     def __init__(self, sessions: sessionmaker[Session], tensors: TensorStore) -> None:

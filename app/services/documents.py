@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.services.errors import NotFound, NotReady
-from storage import ContextTreeRecord, Document, DocumentStatus, Page, TensorStore, TensorStoreError
+from app.tree_cache import TreeCache
+from storage import (
+    ContextTreeRecord,
+    Conversation,
+    Document,
+    DocumentStatus,
+    Page,
+    TensorStore,
+    TensorStoreError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,24 +109,27 @@ class _MissingTree(Exception):
 
 
 class DocumentService:
+    """The library: one owner's documents (list, read pages, delete, hand over) and what QA needs of
+    them (pages, chunks, trees through one tiered cache, repaired by re-encoding when unusable)."""
+
     def __init__(
         self,
         session_factory: sessionmaker[Session],
         tensors: TensorStore,
         uploads_dir: Path,
-        cache_size: int = 8,
+        trees: TreeCache | None = None,
+        repair: Callable[[int, int], None] | None = None,
+        tree_factory: Callable[[dict[str, Any]], Any] | None = None,
     ):
+        """`repair(owner_id, document_id)` re-encodes a ready document whose tree is missing, damaged or
+        from another model (the ingestion service's `ensure_tree`); without it such a document is
+        NotReady. `tree_factory` turns stored tensors into a tree (default `ContextTree.from_tensors`)."""
         self._sessions = session_factory
         self._tensors = tensors
         self._uploads = uploads_dir
-        # Called with (owner_id, document_id) when a ready document has no tree for the model.
-        self.ensure_tree: Callable[[int, int], None] | None = None
-        # Loaded trees by (path, sha256): the checksum is verified once per file, not per question.
-        self._cache: OrderedDict[tuple[str, str], tuple[Any, list[int] | None]] = OrderedDict()
-        self._cache_size = cache_size
-        self._lock = threading.Lock()
-        # On CUDA: trees kept on the GPU, bounded in bytes (app.tree_cache; set with the model).
-        self.device_trees: Any | None = None
+        self._trees = trees or TreeCache()
+        self._repair = repair
+        self._tree_factory = tree_factory
 
     def list(self, owner_id: int) -> list[dict[str, Any]]:
         with self._sessions() as session:
@@ -151,13 +162,57 @@ class DocumentService:
             session.delete(doc)
         upload.unlink(missing_ok=True)
         for path in paths:
-            self.forget(path)
+            self._trees.discard(path)
             try:
                 self._tensors.delete(path)
             except Exception:  # the row is gone; a leftover file is logged, not fatal
                 logger.exception("could not delete tensor file %s of document %s", path, document_id)
         logger.info("owner %s deleted document %s (%s)", owner_id, document_id, info["name"])
         return info
+
+    def purge_owner(self, owner_id: int, delete_rows: Callable[[], None]) -> None:
+        """Removes an owner: `delete_rows` deletes the rows (the account, cascading to its documents),
+        then every file of theirs goes too: tensor files and the private copies of their PDFs."""
+        with self._sessions() as session:
+            paths = list(
+                session.scalars(
+                    select(ContextTreeRecord.path).join(Document).where(Document.owner_id == owner_id)
+                )
+            )
+        delete_rows()
+        for path in paths:
+            self._trees.discard(path)
+            self._tensors.delete(path)
+        shutil.rmtree(self._uploads / str(int(owner_id)), ignore_errors=True)
+        logger.info("owner %s removed with %d tensor file(s) and their uploads", owner_id, len(paths))
+
+    def hand_over(self, from_owner: int, to_owner: int) -> dict[str, list[int]]:
+        """Gives every document and conversation of `from_owner` to `to_owner` (e.g. what was uploaded
+        in single-user mode, owned by `local`, to a real account). A document `to_owner` already has
+        (same content) stays with `from_owner`; the private copies of the PDFs move along."""
+        moved, kept = [], []
+        with self._sessions.begin() as session:
+            theirs = set(session.scalars(select(Document.sha256).where(Document.owner_id == to_owner)))
+            for doc in session.scalars(select(Document).where(Document.owner_id == from_owner)):
+                if doc.sha256 in theirs:
+                    kept.append(doc.id)
+                    continue
+                doc.owner_id = to_owner
+                moved.append((doc.id, doc.sha256))
+            conversations = session.scalars(select(Conversation).where(Conversation.owner_id == from_owner))
+            handed = []
+            for conv in conversations:
+                conv.owner_id = to_owner
+                handed.append(conv.id)
+        target = self._uploads / str(int(to_owner))
+        for _, sha in moved:
+            source = self._uploads / str(int(from_owner)) / f"{sha}.pdf"
+            if source.exists():
+                target.mkdir(mode=0o700, parents=True, exist_ok=True)
+                source.replace(target / source.name)
+        logger.info("owner %s handed %d document(s) and %d conversation(s) to owner %s",
+                    from_owner, len(moved), len(handed), to_owner)
+        return {"documents": [i for i, _ in moved], "kept_duplicates": kept, "conversations": handed}
 
     def load_for_qa(
         self, owner_id: int, document_ids: list[int], fingerprint: str | None
@@ -170,19 +225,19 @@ class DocumentService:
         try:
             return self._load_for_qa(owner_id, document_ids, fingerprint)
         except TensorStoreError as damaged:
-            if self.ensure_tree is None:
+            if self._repair is None:
                 raise
             logger.warning("stored tree unusable (%s): re-encoding", damaged)
             for doc_id in document_ids:
-                self.ensure_tree(owner_id, doc_id)  # verifies each file, re-encodes the bad ones
+                self._repair(owner_id, doc_id)  # verifies each file, re-encodes the bad ones
             return self._load_for_qa(owner_id, document_ids, fingerprint)
         except _MissingTree as missing:
-            if self.ensure_tree is None:
+            if self._repair is None:
                 raise NotReady(str(missing)) from None
             logger.info(
                 "document %s has no tree for model %s: encoding it now", missing.document_id, fingerprint
             )
-            self.ensure_tree(owner_id, missing.document_id)
+            self._repair(owner_id, missing.document_id)
             return self._load_for_qa(owner_id, document_ids, fingerprint)
 
     def _load_for_qa(
@@ -221,45 +276,19 @@ class DocumentService:
                 out.append(ctx)
         for ctx in out:
             if "tree_path" in ctx.extra:
-                self.forget_if_changed(ctx.extra["tree_path"], ctx.extra["tree_sha256"])
-                ctx.tree, ctx.token_ids = self._load_tree(ctx.extra["tree_path"], ctx.extra["tree_sha256"])
+                path, sha256 = ctx.extra["tree_path"], ctx.extra["tree_sha256"]
+                self._trees.discard(path, keep_sha256=sha256)  # versions of this file re-encoded since
+                ctx.tree, ctx.token_ids = self._trees.get(path, sha256) or self._load_tree(path, sha256)
         return out
 
     def _load_tree(self, path: str, sha256: str) -> tuple[Any, list[int] | None]:
-        from model import ContextTree
-
-        key = (path, sha256)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        device_trees = self.device_trees
-        if device_trees is not None and (hit := device_trees.get(path, sha256)) is not None:
-            return hit
+        """Maps and verifies the stored tree, then keeps it in the cache (on the GPU when it fits)."""
         tensors = self._tensors.load(path, sha256)
-        token_ids = tensors.get(TOKEN_IDS_KEY)
-        loaded = ContextTree.from_tensors(tensors), (token_ids.tolist() if token_ids is not None else None)
-        if device_trees is not None:
-            moved = device_trees.put(path, sha256, *loaded)
-            if moved is not loaded[0]:  # resident on the GPU now; the host cache need not hold it
-                return moved, loaded[1]
-        with self._lock:
-            self._cache[key] = loaded
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return loaded
+        token_ids = tensors.pop(TOKEN_IDS_KEY, None)
+        factory = self._tree_factory
+        if factory is None:
+            from model import ContextTree
 
-    def forget_if_changed(self, path: str, sha256: str) -> None:
-        """Drop cached trees of `path` made from another file version (re-encoded since)."""
-        with self._lock:
-            for key in [k for k in self._cache if k[0] == path and k[1] != sha256]:
-                del self._cache[key]
-        if self.device_trees is not None:
-            self.device_trees.discard_path(path, keep_sha256=sha256)
-
-    def forget(self, path: str) -> None:
-        with self._lock:
-            for key in [k for k in self._cache if k[0] == path]:
-                del self._cache[key]
-        if self.device_trees is not None:
-            self.device_trees.discard_path(path)
+            factory = ContextTree.from_tensors
+        ids = token_ids.tolist() if token_ids is not None else None
+        return self._trees.put(path, sha256, factory(tensors), ids)

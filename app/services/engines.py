@@ -48,7 +48,11 @@ class Prepared:
 
 
 class Engine(Protocol):
+    """An answering engine. A new one is a class with these members, added to `ENGINES` below: the
+    settings, the CLI, the UI and the benchmarks all take the list from there."""
+
     name: str
+    summary: str  # one line for the Settings tab
     needs_tree: bool
 
     def prepare(
@@ -94,6 +98,7 @@ class SharedLLMEngine:
     """The method: query-aware tree retrieval + cross-attention; citations from attention mass."""
 
     name = "sharedllm"
+    summary = "the method (tree retrieval + cross-attention)"
     needs_tree = True
 
     def prepare(self, lm, question, docs, history):
@@ -162,6 +167,7 @@ class FullContextEngine:
     document prefix is persisted once and reused by follow-up questions (app/services/prompt_cache.py)."""
 
     name = "full"
+    summary = "document in the prompt"
     needs_tree = False
 
     def prepare(self, lm, question, docs, history):
@@ -192,40 +198,76 @@ class FullContextEngine:
                 best_passages(docs, f"{result.text} {prepared.question}", k)]
 
 
-def page_passages(doc: DocumentContext, chars: int = PASSAGE_CHARS) -> list[tuple[int, str]]:
-    """(page number, passage) windows of about `chars` characters, cut at sentence ends within a page."""
+QUOTE_CHARS = 280  # a cited quote: the matched sentence, widened by its neighbours up to this length
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+(?=[A-Z0-9(\"'])")
+
+
+def page_sentences(doc: DocumentContext) -> list[tuple[int, list[str]]]:
+    """(page number, its sentences in order) for every page; a sentence never crosses a page."""
     out = []
     for page in doc.pages:
         text = " ".join(page.text.split())
-        start = 0
-        while start < len(text):
-            end = min(len(text), start + chars)
-            if end < len(text):
-                stop = max(text.rfind(". ", start + chars // 2, end), text.rfind(" ", start + chars // 2, end))
-                end = stop + 1 if stop > start else end
-            out.append((page.number, text[start:end].strip()))
-            start = end
-    return [(n, t) for n, t in out if t]
+        sentences = [t for t in _SENTENCE_END.split(text) if t.strip()]
+        out.append((page.number, sentences))
+    return out
 
 
-def best_passages(docs: list[DocumentContext], query: str, k: int) -> list[tuple[DocumentContext, int, str]]:
-    """The top passages for `query` by BM25, at most one per page, best first."""
+def _quote(sentences: list[str], i: int, chars: int = QUOTE_CHARS) -> str:
+    """Sentence i, with the sentences after (then before) it while the quote stays within `chars`."""
+    lo = hi = i
+    text = sentences[i]
+    while True:
+        if hi + 1 < len(sentences) and len(text) + 1 + len(sentences[hi + 1]) <= chars:
+            hi += 1
+        elif lo > 0 and len(text) + 1 + len(sentences[lo - 1]) <= chars:
+            lo -= 1
+        else:
+            break
+        text = " ".join(sentences[lo : hi + 1])
+    return text if len(text) <= chars else text[: chars - 1] + "…"
+
+
+def _terms(text: str) -> str:
+    """Lower-case words with common English suffixes cut ("starts", "started" -> "start"), so BM25
+    matches a question's words to the document's inflections."""
+    out = []
+    for word in _WORD.findall(text.lower()):
+        for suffix in ("ing", "ed", "es", "s"):
+            if word.endswith(suffix) and len(word) - len(suffix) >= 3 and not word.isdigit():
+                word = word[: -len(suffix)]
+                break
+        out.append(word)
+    return " ".join(out)
+
+
+def best_passages(
+    docs: list[DocumentContext], query: str, k: int, pages: set[tuple[int, int]] | None = None
+) -> list[tuple[DocumentContext, int, str]]:
+    """The sentences that best match `query` by BM25 (of the (document id, page) `pages` only, when
+    given), at most one per page, best first, each quoted with its neighbours (`_quote`)."""
     import bm25s
 
-    corpus = [(doc, n, text) for doc in docs for n, text in page_passages(doc)]
+    corpus = [
+        (doc, n, sentences, i)
+        for doc in docs
+        for n, sentences in page_sentences(doc)
+        if pages is None or (doc.id, n) in pages
+        for i in range(len(sentences))
+    ]
     if not corpus or not _WORD.search(query):
         return []
     retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize([t for _, _, t in corpus], show_progress=False), show_progress=False)
-    hits, scores = retriever.retrieve(bm25s.tokenize([query], show_progress=False), k=min(len(corpus), 8 * k),
+    retriever.index(bm25s.tokenize([_terms(c[2][c[3]]) for c in corpus], show_progress=False),
+                    show_progress=False)
+    hits, scores = retriever.retrieve(bm25s.tokenize([_terms(query)], show_progress=False), k=min(len(corpus), 8 * k),
                                       show_progress=False)
     out, seen = [], set()
     for j, score in zip(hits[0], scores[0], strict=True):
-        doc, page, text = corpus[int(j)]
+        doc, page, sentences, i = corpus[int(j)]
         if score <= 0 or (doc.id, page) in seen:
             continue
         seen.add((doc.id, page))
-        out.append((doc, page, text))
+        out.append((doc, page, _quote(sentences, i)))
         if len(out) == k:
             break
     return out
@@ -235,6 +277,7 @@ class RagEngine:
     """Baseline: BM25 over stored chunk texts, top-k chunks in the prompt; cites the chunks' pages."""
 
     name = "rag"
+    summary = "BM25 chunks in the prompt"
     needs_tree = False
     top_k = 4
 
@@ -264,16 +307,16 @@ class RagEngine:
         return Prepared(messages, None, time.perf_counter() - t0, used=used, question=question)
 
     def citations(self, lm, docs, prepared, result, k):
-        """The passages of the retrieved chunks' pages that best match the answer and the question (a
-        512-token chunk spans pages: its first page is often not where the answer is); the chunks
-        themselves, in retrieval order, when nothing matches."""
+        """The sentences of the retrieved chunks' pages that best match the answer and the question,
+        with the page they are on (a 512-token chunk spans pages: its first page and first characters
+        are often not where the answer is); by the question alone when the answer matches nothing."""
         pages = {(docs[i].id, n) for i, c in prepared.used for n in range(c["page_start"], c["page_end"] + 1)}
-        if result.text.strip() and pages:
-            found = [(d, n, t) for d, n, t in best_passages(docs, f"{result.text} {prepared.question}", 4 * k)
-                     if (d.id, n) in pages][:k]
-            if found:
-                return [citation(doc, page, text) for doc, page, text in found]
-        return [citation(docs[i], c["page_start"], c["text"]) for i, c in prepared.used[:k]]
+        for query in (f"{result.text} {prepared.question}", prepared.question):
+            if query.strip() and pages:
+                found = best_passages(docs, query, k, pages)
+                if found:
+                    return [citation(doc, page, text) for doc, page, text in found]
+        return [citation(docs[i], c["page_start"], c["text"][:QUOTE_CHARS]) for i, c in prepared.used[:k]]
 
 
 # bump when the text around the documents in `actqkv`'s stream changes (it is part of the stored state)
@@ -321,10 +364,11 @@ def stream_digest(lm: Any, doc: DocumentContext) -> str:
 
 
 class ActQKVEngine:
-    """Training-free: the whole documents, read from persisted block K/V by activation-aware block
-    retrieval in every layer (model/actqkv.py); citations from the attention mass on their blocks."""
+    """Training-free: the whole documents, read from persisted block K/V by block retrieval in every
+    layer (ActQKV / InfLLM, model/actqkv.py); citations from the attention mass on their blocks."""
 
     name = "actqkv"
+    summary = "whole documents read from persisted block K/V (training-free)"
     needs_tree = False
     needs_block_state = True  # the QA service loads or builds each document's state first
 
@@ -342,6 +386,7 @@ class ActQKVEngine:
         return attention_citations(lm, docs, result, k)
 
 
+# The one registry of engines (name -> engine): add a new engine's instance here.
 ENGINES: dict[str, Engine] = {e.name: e for e in (SharedLLMEngine(), ActQKVEngine(), FullContextEngine(), RagEngine())}
 
 

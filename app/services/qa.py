@@ -1,6 +1,7 @@
 """Question answering: one turn of a conversation, streamed, cited, timed and persisted.
 
-`QAService.answer` is a generator: it yields `str` pieces of the answer as the model produces them,
+`QAService.answer` is a generator: it yields one `Asked` once the question is stored (before the
+model runs, so a crash mid-answer keeps it), `str` pieces of the answer as the model produces them,
 then exactly one `Answer` (the final record). Ownership of the conversation and of every document is
 checked before the model sees anything.
 """
@@ -20,6 +21,7 @@ from app.services.conversations import owned_conversation, title_from_question
 from app.services.documents import DocumentService
 from app.services.engines import get_engine
 from app.services.errors import BadRequest
+from app.services.language_model import LanguageModel
 from app.services.prompt_cache import PromptCacheService
 from storage import Conversation, Message
 
@@ -43,6 +45,17 @@ class AnswerSettings:
     seed: int = 0
     max_citations: int = 3
 
+    def check(self, max_new_tokens_limit: int, max_temperature: float) -> None:
+        """BadRequest unless every value is within the server's limits (before any work is done)."""
+        if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+            raise BadRequest(f"max_new_tokens must be in 1..{max_new_tokens_limit}, got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature <= max_temperature:
+            raise BadRequest(f"temperature must be in 0..{max_temperature:g}, got {self.temperature:g}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise BadRequest(f"top_p must be in (0, 1], got {self.top_p:g}")
+        if not 0 <= self.max_citations <= 20:
+            raise BadRequest(f"max_citations must be in 0..20, got {self.max_citations}")
+
     def generation(self) -> Any:
         from model import GenerationSettings
 
@@ -53,6 +66,14 @@ class AnswerSettings:
             seed=self.seed,
             stop=[],
         )
+
+
+@dataclass(frozen=True)
+class Asked:
+    """The question is stored: in this conversation (new or continued), as this message."""
+
+    conversation: int
+    message_id: int
 
 
 @dataclass
@@ -80,15 +101,27 @@ def stored_notes(notes: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in notes.items() if isinstance(v, (str, int, float, bool)) and v not in ("", False)}
 
 
+def answered_turns(messages: list[Message]) -> list[Message]:
+    """Question/answer pairs in order; a question whose answer never came (a crash) is left out."""
+    out = []
+    for question, reply in zip(messages, messages[1:]):
+        if question.role == "user" and reply.role == "assistant":
+            out += [question, reply]
+    return out
+
+
 class QAService:
     def __init__(
         self,
         session_factory: sessionmaker[Session],
         documents: DocumentService,
-        model_provider: Callable[[], Any],
+        model_provider: Callable[[], LanguageModel],
         prompt_cache: PromptCacheService | None = None,
         block_states: BlockStateService | None = None,
+        max_new_tokens_limit: int = 1024,
+        max_temperature: float = 2.0,
     ):
+        self._limits = (max_new_tokens_limit, max_temperature)
         self._sessions = session_factory
         self._documents = documents
         self._model = model_provider  # returns the LoadedModel, loading it on first use
@@ -104,7 +137,7 @@ class QAService:
         engine: str,
         settings: AnswerSettings,
         progress: Callable[[str, int, int], None] | None = None,
-    ) -> Iterator[str | Answer]:
+    ) -> Iterator[Asked | str | Answer]:
         """`progress(stage, done, total)` reports work done before the first token (an engine's
         per-document state built on first use)."""
         t_start = time.perf_counter()
@@ -113,6 +146,7 @@ class QAService:
             raise BadRequest("the question is empty")
         if len(question) > MAX_QUESTION_CHARS:
             raise BadRequest(f"the question is too long (over {MAX_QUESTION_CHARS} characters)")
+        settings.check(*self._limits)
         impl = get_engine(engine)
 
         history, document_ids = self._conversation_context(owner_id, conversation_id, document_ids)
@@ -122,14 +156,16 @@ class QAService:
         docs = self._documents.load_for_qa(
             owner_id, document_ids, lm.fingerprint if impl.needs_tree else None
         )
+        asked = self._store_question(owner_id, conversation_id, document_ids, engine, question)
+        yield asked
 
-        if getattr(impl, "needs_block_state", False) and self._block_states is not None:
+        if getattr(impl, "needs_block_state", False) and self._block_states is not None:  # optional member
             self._block_states.ensure(lm, docs, progress)  # built and persisted on first use
         prepared = impl.prepare(lm, question, docs, history)
-        if impl.needs_tree and not getattr(lm, "weights_trained", True):
+        if impl.needs_tree and not lm.weights_trained:
             prepared.notes["warning"] = UNTRAINED_WARNING
             logger.warning(UNTRAINED_WARNING)
-        elif impl.needs_tree and getattr(lm, "weights_warning", None):
+        elif impl.needs_tree and lm.weights_warning:
             prepared.notes["warning"] = lm.weights_warning
         prompt_ids, key = self._prompt_and_prefix_key(lm, prepared, docs[0].id)
         prefix = self._prompt_cache.load(key) if key is not None else prepared.prefix
@@ -163,10 +199,8 @@ class QAService:
             "prompt_tokens": len(prompt_ids),
             "cached_prompt_tokens": prefix.length if prefix is not None else 0,
         }
-        conv_id, message_id = self._save(
-            owner_id, conversation_id, document_ids, engine, question, text, citations, timings,
-            stored_notes(prepared.notes),
-        )
+        conv_id = asked.conversation
+        message_id = self._store_answer(conv_id, engine, text, citations, timings, stored_notes(prepared.notes))
         logger.info(
             "owner %s conversation %s: %s answered in %.2f s (%d tokens)",
             owner_id,
@@ -231,30 +265,18 @@ class QAService:
             return [], list(dict.fromkeys(document_ids))
         with self._sessions() as session:
             conv = owned_conversation(session, owner_id, conversation_id)
-            turns = [m for m in conv.messages if m.role in ("user", "assistant")][-2 * HISTORY_TURNS :]
+            turns = answered_turns(conv.messages)[-2 * HISTORY_TURNS :]
             history = [{"role": m.role, "content": m.text} for m in turns]
             ids = list(dict.fromkeys(document_ids)) or list(conv.document_ids or [])
             return history, ids
 
-    def _save(
-        self,
-        owner_id: int,
-        conversation_id: int | None,
-        document_ids: list[int],
-        engine: str,
-        question: str,
-        text: str,
-        citations: list[dict[str, Any]],
-        timings: dict[str, float],
-        notes: dict[str, Any] | None = None,
-    ) -> tuple[int, int]:
+    def _store_question(
+        self, owner_id: int, conversation_id: int | None, document_ids: list[int], engine: str, question: str
+    ) -> Asked:
         with self._sessions.begin() as session:
             if conversation_id is None:
                 conv = Conversation(
-                    owner_id=owner_id,
-                    title=title_from_question(question),
-                    document_ids=document_ids,
-                    engine=engine,
+                    owner_id=owner_id, title=title_from_question(question), document_ids=document_ids, engine=engine
                 )
                 session.add(conv)
                 session.flush()
@@ -264,16 +286,25 @@ class QAService:
                 conv.engine = engine
                 if not conv.title:
                     conv.title = title_from_question(question)
-            session.add(Message(conversation_id=conv.id, role="user", text=question, engine=engine))
+            message = Message(conversation_id=conv.id, role="user", text=question, engine=engine)
+            session.add(message)
+            session.flush()
+            return Asked(conv.id, message.id)
+
+    def _store_answer(
+        self,
+        conversation_id: int,
+        engine: str,
+        text: str,
+        citations: list[dict[str, Any]],
+        timings: dict[str, float],
+        notes: dict[str, Any],
+    ) -> int:
+        with self._sessions.begin() as session:
             reply = Message(
-                conversation_id=conv.id,
-                role="assistant",
-                text=text,
-                citations=citations,
-                timings=timings,
-                notes=notes or {},
-                engine=engine,
+                conversation_id=conversation_id, role="assistant", text=text, citations=citations,
+                timings=timings, notes=notes, engine=engine,
             )
             session.add(reply)
             session.flush()
-            return conv.id, reply.id
+            return reply.id

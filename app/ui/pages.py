@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import logging
 import queue
-import tempfile
 import threading
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from app.auth import AuthError
-from app.config import ENGINES
-from app.export import default_filename, export
 from app.services import ServiceError
 from app.services.context import AppContext
-from app.services.qa import Answer, AnswerSettings
+from app.services.engines import ENGINES
+from app.services.qa import Answer, AnswerSettings, Asked
 from app.ui import render
+from app.ui.access import ExportLinks, UploadRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ class Pages:
             return self.ctx.auth.resolve(username).id
         except AuthError as exc:
             raise gr.Error(str(exc)) from None
+
+
+def _page_key(request: gr.Request | None) -> str:
+    """One open page: Gradio's session of the request."""
+    return str(getattr(request, "session_hash", None))
 
 
 # --- account -----------------------------------------------------------------------------------------
@@ -65,12 +70,14 @@ class SettingsPage(Pages):
             list(ENGINES),
             value=s.engine,
             label="Engine",
-            info="sharedllm: the method; actqkv: whole document from block memory (training-free); full: document in the prompt; rag: BM25 chunks",
+            info=" · ".join(f"{name}: {engine.summary}" for name, engine in ENGINES.items()),
         )
         gr.Markdown(render.default_engine_markdown(s.engine), elem_id="default-engine")
-        self.max_new_tokens = gr.Slider(16, 1024, value=s.max_new_tokens, step=16, label="Max new tokens")
+        self.max_new_tokens = gr.Slider(
+            16, s.max_new_tokens_limit, value=s.max_new_tokens, step=16, label="Max new tokens"
+        )
         self.temperature = gr.Slider(
-            0.0, 1.5, value=s.temperature, step=0.05, label="Temperature", info="0 = greedy (reproducible)"
+            0.0, s.max_temperature, value=s.temperature, step=0.05, label="Temperature", info="0 = greedy (reproducible)"
         )
 
     @property
@@ -81,6 +88,10 @@ class SettingsPage(Pages):
 # --- library -----------------------------------------------------------------------------------------
 class LibraryPage(Pages):
     """Upload with per-file progress and status; the document table; delete."""
+
+    def __init__(self, ctx: AppContext, uploads: UploadRegistry):
+        super().__init__(ctx)
+        self.uploads = uploads  # who uploaded which file: the handler takes only the caller's own
 
     def render(self) -> None:
         mb = self.ctx.settings.max_upload_mb
@@ -125,9 +136,15 @@ class LibraryPage(Pages):
         if not paths:
             raise gr.Error("choose one or more PDF files first")
         rows = [{"name": p.name, "status": "queued", "fraction": 0.0} for p in paths]
+        for row, path in zip(rows, paths, strict=True):
+            if not self.uploads.claim(getattr(request, "username", None), path):
+                # not uploaded by this user in this session (or already used): never read, never removed
+                logger.warning("owner %s named a file they did not upload: %s", owner, path)
+                row.update(status="rejected", error="not a file you uploaded; upload it again")
         yield render.progress_html(rows)
         for row, path in zip(rows, paths, strict=True):
-            yield from self._ingest_one(owner, row, path, rows)
+            if row["status"] == "queued":
+                yield from self._ingest_one(owner, row, path, rows)
         ok = sum(r["status"] == "ready" for r in rows)
         logger.info("owner %s uploaded %d file(s), %d ready", owner, len(rows), ok)
         yield render.progress_html(rows)
@@ -201,6 +218,13 @@ class LibraryPage(Pages):
 class ChatPage(Pages):
     """Conversation list, document selection, streamed answers with sources, page viewer, export."""
 
+    def __init__(self, ctx: AppContext, exports: ExportLinks):
+        super().__init__(ctx)
+        self.exports = exports  # owner-bound, expiring download links (no export is ever a file)
+        # questions taken but not answered yet, per open page (Gradio session), oldest first
+        self._pending: dict[str, deque[str]] = {}
+        self._lock = threading.Lock()
+
     def render(self) -> None:
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
@@ -229,6 +253,7 @@ class ChatPage(Pages):
                         lines=1,
                     )
                     self.send = gr.Button("Ask", variant="primary", scale=1, elem_id="ask-button")
+                self.queued = gr.Markdown("", elem_id="queued-questions")
                 self.stats = gr.Markdown("", elem_id="answer-stats")
                 with gr.Accordion("View a cited page", open=False, elem_id="page-viewer"):
                     self.cited = gr.Dropdown(choices=[], label="Cited page", elem_id="cited-page")
@@ -239,7 +264,7 @@ class ChatPage(Pages):
                     self.export_md = gr.Button("Export Markdown", size="sm", elem_id="export-md")
                     self.export_json = gr.Button("Export JSON", size="sm", elem_id="export-json")
                     self.export_pdf = gr.Button("Export PDF", size="sm", elem_id="export-pdf")
-                self.export_file = gr.File(label="Export", interactive=False, elem_id="export-file")
+                self.export_file = gr.HTML("", elem_id="export-file")
         self.conversation_id = gr.State(None)
 
     # conversation list / documents ---------------------------------------------------------------
@@ -254,7 +279,7 @@ class ChatPage(Pages):
 
     def open_conversation(self, conversation_id: int | None, request: gr.Request):
         if conversation_id is None:
-            return gr.update(), gr.update(), None, gr.update(), ""
+            return gr.update(), gr.update(), None, gr.update(), "", ""
         owner = self.owner_id(request)
         try:
             conv = self.ctx.conversations.get(owner, int(conversation_id))
@@ -270,10 +295,11 @@ class ChatPage(Pages):
             conv["id"],
             gr.update(choices=render.citation_choices(messages), value=None),
             stats,
+            "",  # the previous conversation's export link goes
         )
 
     def new_conversation(self):
-        return [], None, gr.update(value=None), gr.update(choices=[], value=None), "", ""
+        return [], None, gr.update(value=None), gr.update(choices=[], value=None), "", "", ""
 
     def delete_conversation(self, conversation_id: int | None, request: gr.Request):
         """Delete the open conversation, then show an empty chat and the remaining list."""
@@ -292,13 +318,39 @@ class ChatPage(Pages):
             gr.update(choices=[], value=None),
             "",
             "",
+            "",
         )
 
     # asking ---------------------------------------------------------------------------------------------
+    def take_question(self, question: str, request: gr.Request):
+        """Runs at once, even while an answer streams: the question joins this page's queue and the box
+        is cleared; `ask` (chained after it, one answer at a time) takes the questions in order."""
+        self.owner_id(request)
+        question = (question or "").strip()
+        if not question:
+            raise gr.Error("type a question first")
+        with self._lock:
+            waiting = self._pending.setdefault(_page_key(request), deque())
+            waiting.append(question)
+            return "", render.queued_markdown(list(waiting))
+
+    def _next_question(self, request: gr.Request) -> tuple[str | None, list[str]]:
+        with self._lock:
+            waiting = self._pending.get(_page_key(request))
+            question = waiting.popleft() if waiting else None
+            left = list(waiting or [])
+            if waiting is not None and not waiting:
+                del self._pending[_page_key(request)]
+            return question, left
+
+    def _shown(self, owner: int, conversation_id: int | None) -> list[dict[str, Any]]:
+        """The conversation as stored (not as the page last drew it: a queued question's page is stale)."""
+        if conversation_id is None:
+            return []
+        return render.chat_messages(self.ctx.conversations.messages(owner, int(conversation_id)))
+
     def ask(
         self,
-        question: str,
-        history: list[dict[str, Any]] | None,
         conversation_id: int | None,
         document_ids: list[int] | None,
         engine: str,
@@ -306,14 +358,19 @@ class ChatPage(Pages):
         temperature: float,
         request: gr.Request,
     ):
-        """Generator: streams the answer into the chat, then adds its sources and timings."""
+        """Generator: the next queued question; streams its answer, then adds its sources and timings.
+        Never writes the question box: what the user types meanwhile stays there."""
         owner = self.owner_id(request)
-        history = list(history or [])
-        question = (question or "").strip()
-        if not question:
-            raise gr.Error("type a question first")
+        question, left = self._next_question(request)
+        if question is None:
+            return
+        queued = render.queued_markdown(left)
+        try:
+            history = self._shown(owner, conversation_id)
+        except ServiceError:  # the open conversation was deleted meanwhile: start a new one
+            history, conversation_id = [], None
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
-        yield history, "", conversation_id, gr.update(), gr.update(), "Thinking…"
+        yield history, conversation_id, gr.update(), gr.update(), "Thinking…", queued
         settings = AnswerSettings(
             max_new_tokens=int(max_new_tokens),
             temperature=float(temperature),
@@ -324,15 +381,19 @@ class ChatPage(Pages):
             for item in self.ctx.qa.answer(
                 owner, question, [int(i) for i in document_ids or []], conversation_id, engine, settings
             ):
+                if isinstance(item, Asked):  # stored: a question queued behind this one continues it
+                    conversation_id = item.conversation
+                    yield history, conversation_id, gr.update(), gr.update(), "Thinking…", gr.update()
+                    continue
                 if isinstance(item, Answer):
                     final = item
                     break
                 text += item
                 history[-1] = {"role": "assistant", "content": text}
-                yield history, "", conversation_id, gr.update(), gr.update(), "Answering…"
+                yield history, conversation_id, gr.update(), gr.update(), "Answering…", gr.update()
         except ServiceError as exc:
             history[-1] = {"role": "assistant", "content": f"**Cannot answer:** {exc}"}
-            yield history, question, conversation_id, gr.update(), gr.update(), ""
+            yield history, conversation_id, gr.update(), gr.update(), "", gr.update()
             return
         convs = self.ctx.conversations.list(owner)
         messages = self.ctx.conversations.messages(owner, final.conversation)
@@ -340,11 +401,11 @@ class ChatPage(Pages):
         history[-1] = render.chat_messages([messages[-1]])[0]
         yield (
             history,
-            "",
             final.conversation,
             gr.update(choices=render.conversation_choices(convs), value=final.conversation),
             gr.update(choices=render.citation_choices(messages), value=None),
             render.notes_markdown(final.notes) + render.timing_markdown(final.engine, final.timings),
+            gr.update(),
         )
 
     def show_page(self, key: str | None, request: gr.Request) -> str:
@@ -360,16 +421,14 @@ class ChatPage(Pages):
     # export ---------------------------------------------------------------------------------------------
     def export_as(self, fmt: str):
         def handler(conversation_id: int | None, request: gr.Request) -> str:
+            """A download link for the open conversation, rendered when (and only if) its owner opens it."""
             if conversation_id is None:
                 raise gr.Error("nothing to export yet: ask a question first")
             owner = self.owner_id(request)
             try:
-                transcript = self.ctx.conversations.transcript(owner, int(conversation_id))
+                return render.export_link_html(self.exports.create(owner, int(conversation_id), fmt))
             except ServiceError as exc:
                 raise gr.Error(str(exc)) from None
-            out = Path(tempfile.mkdtemp(prefix="sharedllm-export-")) / default_filename(transcript, fmt)
-            out.write_bytes(export(transcript, fmt))
-            return str(out)
 
         handler.__name__ = f"export_{fmt}"
         return handler

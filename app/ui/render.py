@@ -133,3 +133,19 @@ def default_engine_markdown(engine: str) -> str:
     if engine != DEFAULT_ENGINE:
         return f"Default engine: **{html.escape(engine)}**, set by this server's configuration (SHAREDLLM_ENGINE)."
     return f"Default engine: **{DEFAULT_ENGINE}**: {html.escape(DEFAULT_ENGINE_REASON, quote=False)}."
+
+
+def export_link_html(url: str) -> str:
+    """The download link of an export (app/ui/access.py serves it to its owner only)."""
+    name = url.rsplit("/", 1)[-1]
+    href = url.lstrip("/")  # relative to the page, so the app also works under a proxy's path prefix
+    return (f"<a class='export-link' href=\"{html.escape(href)}\" download=\"{html.escape(name)}\">"
+            f"Download {html.escape(name)}</a>")
+
+
+def queued_markdown(questions: list[str]) -> str:
+    """The questions waiting for the answer in progress (they are answered in this order)."""
+    if not questions:
+        return ""
+    items = "\n".join(f"{i}. {html.escape(' '.join(q.split())[:200])}" for i, q in enumerate(questions, 1))
+    return f"**Queued, answered next:**\n\n{items}"

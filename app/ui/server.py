@@ -32,22 +32,22 @@ def launch_kwargs(ctx: AppContext) -> dict[str, Any]:
     }
 
 
-def prepare(settings: Settings, model: Any | None = None) -> tuple[AppContext, Any]:
-    """The context and the (queued, not yet launched) Blocks app."""
+def prepare(settings: Settings, model: Any | None = None) -> tuple[AppContext, Any, Any]:
+    """The context, the (queued, not yet launched) Blocks app and its DocQAApp."""
     ctx = AppContext(settings, model=model)
     ctx.auth.ensure_admin(settings.admin_user, settings.admin_password)
     ctx.model()  # load now: the first question should not pay for it
     report = ctx.ingestion.recover()
     if report.failed_documents:
         logger.warning("marked %d interrupted ingestion(s) failed", len(report.failed_documents))
-    demo = build_app(ctx)
+    demo, web = build_app(ctx)
     demo.queue(default_concurrency_limit=settings.concurrency_limit, max_size=settings.queue_max_size)
-    return ctx, demo
+    return ctx, demo, web
 
 
 def serve(settings: Settings) -> None:
-    ctx, demo = prepare(settings)
+    ctx, demo, web = prepare(settings)
     try:
-        demo.launch(**launch_kwargs(ctx))
+        demo.launch(**web.launch_kwargs())
     finally:
         ctx.close()

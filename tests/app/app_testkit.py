@@ -5,67 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from app.services.documents import TOKEN_IDS_KEY
-from storage import Chunk, ContextTreeRecord, Document, DocumentStatus, Page
+from storage import Document, DocumentStatus
 
 if TYPE_CHECKING:
     from app.services.context import AppContext
 
 
 def make_ready_document(ctx: AppContext, owner_id: int, name: str, pages: list[str]) -> int:
-    """Insert a `ready` document with pages, chunks and a context tree encoded by ctx's model."""
+    """A `ready` document made from page texts by the real ingestion steps after extraction
+    (page-wise tokenisation, page and chunk rows, encoding, atomic store, the ready transaction)."""
+    from app.ingestion import tokenize_pages
+
     lm = ctx.model()
-    ids: list[int] = []
-    spans = []
-    for number, text in enumerate(pages, 1):
-        start = len(ids)
-        ids += lm.tokenize(text + "\n\n")
-        spans.append((number, start, len(ids), text))
-    chunk_len = lm.config.chunk_len
-    tree = lm.encode_tree(ids)
-    tensors = tree.to_tensors()
-    tensors[TOKEN_IDS_KEY] = torch.tensor(ids, dtype=torch.int32)
+    tokenized = tokenize_pages(lm.tokenizer, pages)
     with ctx.sessions.begin() as session:
         doc = Document(
-            owner_id=owner_id,
-            sha256=f"{name}-{owner_id}".ljust(64, "0")[:64],
-            name=name,
-            size_bytes=sum(len(p) for p in pages),
-            pages=len(pages),
-            tokens=len(ids),
-            status=DocumentStatus.READY.value,
+            owner_id=owner_id, sha256=f"{name}-{owner_id}".ljust(64, "0")[:64], name=name,
+            size_bytes=sum(len(p) for p in pages), pages=len(pages), tokens=len(tokenized.token_ids),
+            status=DocumentStatus.ENCODING.value,
         )
         session.add(doc)
         session.flush()
-        for number, start, end, text in spans:
-            session.add(Page(document_id=doc.id, number=number, text=text, token_start=start, token_end=end))
-        for index, start in enumerate(range(0, len(ids), chunk_len)):
-            end = min(start + chunk_len, len(ids))
-            inside = [n for n, s, e, _ in spans if s < end and e > start]
-            session.add(
-                Chunk(
-                    document_id=doc.id,
-                    index=index,
-                    token_start=start,
-                    token_end=end,
-                    page_start=min(inside),
-                    page_end=max(inside),
-                    text=lm.tokenizer.decode(ids[start:end]),
-                )
-            )
-        stored = ctx.tensors.save(doc.id, lm.fingerprint, tensors)
-        session.add(
-            ContextTreeRecord(
-                document_id=doc.id,
-                fingerprint=lm.fingerprint,
-                path=stored.path,
-                sha256=stored.sha256,
-                bytes=stored.bytes,
-            )
-        )
-        return doc.id
+        ctx.ingestion._add_page_rows(session, doc.id, pages, tokenized, lm)
+        doc_id = doc.id
+    ctx.ingestion._encode_and_store(doc_id, tokenized.token_ids, lm, None)
+    return doc_id
 
 
 def write_pdf(path, pages: list[str]) -> Path:
@@ -102,13 +66,76 @@ def free_port() -> int:
 def launch_app(ctx, port: int | None = None):
     """Start the real Gradio app (login on when accounts exist) on loopback; returns (demo, url)."""
     from app.ui.app import build_app
-    from app.ui.server import launch_kwargs
 
-    demo = build_app(ctx)
+    demo, web = build_app(ctx)
     demo.queue(default_concurrency_limit=ctx.settings.concurrency_limit, max_size=ctx.settings.queue_max_size)
-    kwargs = launch_kwargs(ctx)
+    kwargs = web.launch_kwargs()
     kwargs.update(
         server_name="127.0.0.1", server_port=port or free_port(), prevent_thread_lock=True, quiet=True
     )
     _, url, _ = demo.launch(**kwargs)
     return demo, url.rstrip("/")
+
+
+class UiSession:
+    """One browser-like session against the running app over plain HTTP: logs in with Gradio's form,
+    uploads through `/gradio_api/upload`, and fires UI events (private ones included, by their
+    api_name in /config) through the queue, as the page's JavaScript does. What an attacker with an
+    account can do without the page."""
+
+    def __init__(self, url: str, username: str | None = None, password: str | None = None):
+        import secrets
+
+        import httpx
+
+        self.url = url
+        self.http = httpx.Client(base_url=url, timeout=120)
+        if username is not None:
+            response = self.http.post("/login", data={"username": username, "password": password})
+            response.raise_for_status()
+        self.session_hash = secrets.token_hex(8)
+        self.config = self.http.get("/config").json()
+        self.fn_index = {d["api_name"]: d["id"] for d in self.config["dependencies"]}
+
+    def output(self, done: dict, api_name: str, elem_id: str):
+        """The value an event's result gives the component with `elem_id` (KeyError: not an output)."""
+        [component] = [c["id"] for c in self.config["components"] if c.get("props", {}).get("elem_id") == elem_id]
+        outputs = self.config["dependencies"][self.fn_index[api_name]]["outputs"]
+        if component not in outputs:
+            raise KeyError(f"{api_name} does not update #{elem_id}")
+        return done["output"]["data"][outputs.index(component)]
+
+    def upload(self, path: Path) -> str:
+        with open(path, "rb") as f:
+            response = self.http.post("/gradio_api/upload", files={"files": (Path(path).name, f)})
+        response.raise_for_status()
+        return response.json()[0]
+
+    @staticmethod
+    def file_data(path: str, name: str | None = None) -> dict:
+        return {"path": path, "orig_name": name or Path(path).name, "meta": {"_type": "gradio.FileData"}}
+
+    def start(self, api_name: str, *data) -> str:
+        """Queues one event (as a click does); returns its event id."""
+        body = {"data": list(data), "fn_index": self.fn_index[api_name], "session_hash": self.session_hash,
+                "event_data": None, "trigger_id": None}
+        joined = self.http.post("/gradio_api/queue/join", json=body)
+        joined.raise_for_status()
+        return joined.json()["event_id"]
+
+    def messages(self):
+        """This session's queue messages as they arrive (one event stream, as the page reads it)."""
+        import json
+
+        with self.http.stream("GET", "/gradio_api/queue/data", params={"session_hash": self.session_hash}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    yield json.loads(line[5:])
+
+    def event(self, api_name: str, *data) -> dict:
+        """Runs one event to completion; returns Gradio's `process_completed` message."""
+        event_id = self.start(api_name, *data)
+        for message in self.messages():
+            if message.get("msg") == "process_completed" and message.get("event_id") == event_id:
+                return message
+        raise AssertionError(f"{api_name}: the event stream ended without a result")

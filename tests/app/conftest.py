@@ -1,5 +1,5 @@
 """Fixtures for the application layer: an AppContext on a temporary data dir, users, and ready
-documents made directly through storage + the model (independent of PDF ingestion)."""
+documents made from page texts by the real ingestion steps (without a PDF to extract)."""
 
 from __future__ import annotations
 

@@ -132,3 +132,25 @@ def test_actqkv_settings_are_validated_and_reach_the_engine():
         with pytest.raises(ConfigError, match="SHAREDLLM_ACTQKV"):
             Settings.load({}, environ={"SHAREDLLM_ACTQKV": bad})
     assert Settings.load({}, environ={}).actqkv_config() == ActQKVConfig()
+
+
+def test_ingestion_encodes_only_the_servers_engine_and_others_build_on_first_use(tiny_model, tmp_path):
+    from app_testkit import write_pdf
+
+    lm = dataclasses.replace(tiny_model, actqkv=SMALL)
+    ctx = AppContext(Settings.load({"data_dir": tmp_path / "d", "engine": "rag"}, environ={}), model=lm)
+    owner = ctx.auth.local_user().id
+    info = ctx.ingestion.ingest_path(owner, write_pdf(tmp_path / "lots.pdf", PAGES))
+    assert info["status"] == "ready"
+
+    def kinds():
+        with ctx.sessions() as s:
+            return sorted("actqkv" if r.fingerprint.startswith("actqkv-") else "tree"
+                          for r in s.scalars(select(ContextTreeRecord)))
+
+    assert kinds() == []  # rag needs no model state: nothing encoded at ingestion
+    ask(ctx, owner, "How many units are in lot 2?", [info["id"]])
+    assert kinds() == ["actqkv"]
+    items = list(ctx.qa.answer(owner, "How many units are in lot 2?", [info["id"]], None, "sharedllm", SETTINGS))
+    assert isinstance(items[-1], Answer) and kinds() == ["actqkv", "tree"]  # the tree on its first use
+    ctx.close()

@@ -108,7 +108,7 @@ def test_errors_are_one_line_and_json(cli, tmp_path):
     notpdf = tmp_path / "notes.txt"
     notpdf.write_text("hello")
     code, out, err = cli("ingest", str(notpdf), "--json")
-    assert code == 1 and "only PDF files" in one_json(out)["error"]
+    assert code == 1 and "only PDF files" in one_json(out)["documents"][0]["error"]
     code, out, _ = cli("export", "42", "--format", "md")
     assert code == 1 and "conversation 42 not found" in _
 
@@ -148,3 +148,57 @@ def test_console_script_help():
     assert exe.returncode == 0
     for command in ("serve", "ingest", "docs", "ask", "export", "users"):
         assert command in exe.stdout
+
+
+def test_users_rm_removes_the_users_files(cli, contract_pdf, tmp_path, monkeypatch):
+    """Issue 14, defect 2: `users rm` said everything was removed while the PDFs stayed on disk."""
+    monkeypatch.setenv("SHAREDLLM_ENGINE", "sharedllm")  # its tree is encoded at ingestion: a file of each kind
+    assert cli("users", "add", "alice", "--password-stdin", stdin="alice-password-1\n")[0] == 0
+    code, out, err = cli("ingest", str(contract_pdf), "--user", "alice", "--json")
+    assert code == 0, err
+    data = tmp_path / "data"
+    uploads = [p for p in (data / "uploads").rglob("*") if p.is_file()]
+    trees = [p for p in (data / "trees").rglob("*") if p.is_file()]
+    assert uploads and trees
+    assert cli("users", "rm", "alice")[0] == 0
+    assert [p for p in uploads + trees if p.exists()] == []
+
+
+def test_ingest_json_reports_every_file(cli, contract_pdf, tmp_path, monkeypatch):
+    """Issue 14, defect 6: one over-limit file stopped the run with only {"error"}: the files stored
+    before it went unreported and the ones after it were skipped."""
+    from app_testkit import write_pdf
+
+    monkeypatch.setenv("SHAREDLLM_MAX_UPLOAD_MB", "1")
+    big = tmp_path / "big.pdf"
+    big.write_bytes(contract_pdf.read_bytes() + b"\n%" + b"x" * (2 << 20))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("plain text")
+    other = write_pdf(tmp_path / "other.pdf", ["Another document. The fee is 7 euros."])
+    code, out, err = cli("ingest", str(contract_pdf), str(big), str(notes), str(other), "--json")
+    assert code == 1
+    docs = one_json(out)["documents"]
+    assert [(d["name"], d["status"]) for d in docs] == [
+        ("contract.pdf", "ready"), ("big.pdf", "rejected"), ("notes.txt", "rejected"), ("other.pdf", "ready")
+    ]
+    assert "upload limit" in docs[1]["error"] and "only PDF" in docs[2]["error"]
+    assert docs[0]["id"] and docs[1]["id"] is None
+    assert "2 of 4 files not ready" in err
+
+
+def test_handover_gives_single_user_documents_to_an_account(cli, contract_pdf, tmp_path):
+    """Issue 14, defect 11: what was uploaded in single-user mode belongs to `local` and is not shown
+    once accounts exist; `users handover local NAME` gives it to an account."""
+    code, out, _ = cli("ingest", str(contract_pdf), "--json")
+    [doc] = one_json(out)["documents"]
+    assert cli("users", "add", "alice", "--password-stdin", stdin="alice-password-1\n")[0] == 0
+    assert one_json(cli("docs", "--user", "alice", "--json")[1])["documents"] == []
+    code, out, err = cli("users", "handover", "local", "alice", "--json")
+    assert code == 0, err and one_json(out)["handed_over"]["documents"] == [doc["id"]]
+    assert [d["id"] for d in one_json(cli("docs", "--user", "alice", "--json")[1])["documents"]] == [doc["id"]]
+    assert one_json(cli("docs", "--json")[1])["documents"] == []
+    alice_id = one_json(cli("users", "list", "--json")[1])["users"][0]["id"]
+    assert list((tmp_path / "data" / "uploads" / str(alice_id)).glob("*.pdf"))
+    code, out, err = cli("ask", "What is the fee?", "--doc", str(doc["id"]), "--user", "alice", "--engine", "rag",
+                         "--max-new-tokens", "3", "--json")
+    assert code == 0, err

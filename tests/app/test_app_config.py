@@ -41,7 +41,8 @@ def test_secret_not_serialised():
 
 
 def test_default_engine_is_the_benchmark_winner_and_the_settings_tab_says_why():
-    from app.config import DEFAULT_ENGINE, ENGINES
+    from app.config import DEFAULT_ENGINE
+    from app.services.engines import ENGINES
     from app.ui.render import default_engine_markdown
 
     s = Settings.load(environ={})
@@ -70,3 +71,24 @@ def test_omp_wait_policy_is_passive_before_torch_unless_set():
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "ACTIVE"
+
+
+def test_one_upload_limit_from_settings_to_extraction(tmp_path, tiny_model):
+    """Issue 14: with max_upload_mb=500 a 300 MB PDF passed the upload check and then failed
+    extraction's own 200 MB default ("too large"). The settings build the extraction limits now."""
+    from app.extraction import precheck
+    from app.services.context import AppContext
+
+    big = tmp_path / "big.pdf"
+    with open(big, "wb") as f:
+        f.write(b"%PDF-1.4\n")
+        f.truncate(300 * 2**20)  # sparse: 300 MB on paper, nothing on disk
+    settings = Settings.load({"data_dir": tmp_path / "data", "max_upload_mb": 500}, environ={})
+    ctx = AppContext(settings, model=tiny_model)
+    try:
+        ctx.ingestion.check_file(big)
+        assert ctx.ingestion.limits.max_file_bytes == 500 * 2**20
+        assert precheck(big, ctx.ingestion.limits) is None  # not "too large"
+    finally:
+        ctx.close()
+    assert settings.extraction_limits().max_pages == settings.max_pages

@@ -86,3 +86,24 @@ def test_pdf_is_valid_and_unicode_text_survives():
 def test_unknown_format():
     with pytest.raises(ExportError, match="unknown export format"):
         export(TRANSCRIPT, "docx")
+
+
+def test_markdown_sources_are_blockquotes():
+    """Issue 14, defect 9: `*name, p. 2*: > passage` on one line rendered no blockquote."""
+    import re
+
+    md = to_markdown(TRANSCRIPT)
+    quotes = re.findall(r"^ {0,3}> (.+)$", md, flags=re.M)
+    assert quotes == ["The annual fee is 12,500 euros, payable in advance.", "ninety days written notice"]
+    assert ": >" not in md
+
+
+def test_pdf_keeps_cjk_text():
+    """Issue 14, defect 9: "Vertrag_ü_日本語" came out as "Vertrag_ü_"."""
+    from pathlib import Path
+
+    if not Path("/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf").exists():
+        pytest.fail("no CJK font: `make test` installs fonts-droid-fallback (as root)")
+    transcript = dict(TRANSCRIPT, title="Vertrag_ü_日本語", documents=[{"id": 3, "name": "契約書.pdf"}])
+    text = " ".join(p.extract_text() for p in PdfReader(io.BytesIO(export(transcript, "pdf"))).pages)
+    assert "Vertrag_ü_日本語" in text and "契約書.pdf" in text

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from app.services import BadRequest, NotFound, NotReady
-from app.services.qa import Answer, AnswerSettings
+from app.services.qa import Answer, AnswerSettings, Asked
 from storage import Document
 
 FAST = AnswerSettings(max_new_tokens=6)
@@ -13,7 +13,8 @@ FAST = AnswerSettings(max_new_tokens=6)
 
 def run(ctx, owner_id, question, doc_ids, conversation_id=None, engine="sharedllm", settings=FAST):
     items = list(ctx.qa.answer(owner_id, question, doc_ids, conversation_id, engine, settings))
-    pieces, final = items[:-1], items[-1]
+    asked, pieces, final = items[0], items[1:-1], items[-1]
+    assert isinstance(asked, Asked) and asked.conversation == final.conversation
     assert isinstance(final, Answer) and all(isinstance(p, str) for p in pieces)
     return pieces, final
 
@@ -145,3 +146,30 @@ def test_untrained_sharedllm_weights_are_flagged_on_the_answer(ctx, two_users, m
     assert "untrained" in render.notes_markdown(final.notes)
     _, rag = run(ctx, alice.id, "What is the annual fee?", [doc], engine="rag")
     assert "warning" not in rag.notes
+
+
+def test_question_is_stored_before_the_answer(ctx, two_users, make_doc, monkeypatch):
+    """Issue 14, defect 5: a question was stored only with its answer, so a crash mid-answer lost it."""
+    alice, _ = two_users
+    doc = make_doc(alice.id)
+    lm = ctx.model()
+    real = lm.generate
+
+    def crashing(*args, **kwargs):
+        stream = real(*args, **kwargs)
+        yield next(iter(stream))
+        raise RuntimeError("the server died mid-answer")
+
+    monkeypatch.setattr(lm, "generate", crashing)
+    items = ctx.qa.answer(alice.id, "What is the annual fee?", [doc], None, "rag", FAST)
+    with pytest.raises(RuntimeError):
+        for _ in items:
+            pass
+    [conv] = ctx.conversations.list(alice.id)
+    assert [(m["role"], m["text"]) for m in ctx.conversations.messages(alice.id, conv["id"])] == [
+        ("user", "What is the annual fee?")
+    ]
+    monkeypatch.setattr(lm, "generate", real)
+    _, final = run(ctx, alice.id, "And the notice period?", [doc], conv["id"], engine="rag")
+    roles = [m["role"] for m in ctx.conversations.messages(alice.id, conv["id"])]
+    assert final.conversation == conv["id"] and roles == ["user", "user", "assistant"]

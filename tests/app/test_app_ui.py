@@ -6,18 +6,27 @@ import gradio as gr
 import pytest
 
 from app.ui import render
+from app.ui.access import ExportLinks, UploadRegistry
 from app.ui.pages import ChatPage, LibraryPage
 
-LOCAL = SimpleNamespace(username=None)  # single-user mode request
+LOCAL = SimpleNamespace(username=None, session_hash="page-1")  # single-user mode request
+
+
+def ask(chat, question, conversation_id, docs):
+    chat.take_question(question, LOCAL)
+    return list(chat.ask(conversation_id, docs, "sharedllm", 5, 0.0, LOCAL))
 
 
 def test_upload_reports_each_file(ctx, contract_pdf, tmp_path):
-    page = LibraryPage(ctx)
+    uploads = UploadRegistry()
+    page = LibraryPage(ctx, uploads)
     broken = tmp_path / "broken.pdf"
     broken.write_bytes(b"%PDF-1.4 not really")
     notes = tmp_path / "notes.txt"
     notes.write_text("plain text")
-    frames = list(page.ingest_files([str(contract_pdf), str(broken), str(notes)], LOCAL))
+    files = [str(contract_pdf), str(broken), str(notes)]
+    uploads.record(None, files)  # as the upload route records them
+    frames = list(page.ingest_files(files, LOCAL))
     assert len(frames) >= 3
     final = frames[-1]
     assert final.count("data-status='ready'") == 1
@@ -30,23 +39,27 @@ def test_upload_reports_each_file(ctx, contract_pdf, tmp_path):
 
 def test_upload_requires_files(ctx):
     with pytest.raises(gr.Error):
-        list(LibraryPage(ctx).ingest_files([], LOCAL))
+        list(LibraryPage(ctx, UploadRegistry()).ingest_files([], LOCAL))
 
 
 def test_chat_streams_and_reports_not_ready(ctx, make_doc):
     owner = ctx.auth.local_user().id
     doc = make_doc(owner)
-    chat = ChatPage(ctx)
-    frames = list(chat.ask("What is the fee?", [], None, [doc], "sharedllm", 5, 0.0, LOCAL))
-    history, _, conv_id, _, _, stats = frames[-1]
+    exports = ExportLinks(ctx.conversations.transcript)
+    chat = ChatPage(ctx, exports)
+    frames = ask(chat, "What is the fee?", None, [doc])
+    history, conv_id, _, _, stats, _ = frames[-1]
     assert conv_id and "**Sources**" in history[-1]["content"] and "p. " in history[-1]["content"]
     assert "first token" in stats and len(frames) >= 3
     loaded = chat.open_conversation(conv_id, LOCAL)
     assert loaded[0] == history and loaded[1] == [doc] and loaded[2] == conv_id
     key = loaded[3]["choices"][0][1]
     assert chat.show_page(key, LOCAL) == ctx.documents.page_text(owner, *render.parse_citation_key(key))
-    path = chat.export_as("md")(conv_id, LOCAL)
-    assert "What is the fee?" in open(path).read()
+    link = chat.export_as("md")(conv_id, LOCAL)
+    token = link.split("export/", 1)[1].split("/", 1)[0]
+    name, _, data = exports.render(token, owner)
+    assert "What is the fee?" in data.decode() and name.endswith(".md") and name in link
+    assert exports.render(token, owner + 1) is None
     chat.delete_conversation(conv_id, LOCAL)
     assert ctx.conversations.list(owner) == []
 
@@ -54,14 +67,14 @@ def test_chat_streams_and_reports_not_ready(ctx, make_doc):
 
     with ctx.sessions.begin() as s:
         s.get(Document, doc).status = "encoding"
-    frames = list(chat.ask("Again?", [], None, [doc], "sharedllm", 5, 0.0, LOCAL))
+    frames = ask(chat, "Again?", None, [doc])
     assert "still being encoded" in frames[-1][0][-1]["content"]
 
 
 def test_login_required_once_accounts_exist(ctx):
     ctx.auth.add_user("alice", "alice-password-1")
     with pytest.raises(gr.Error, match="login required"):
-        LibraryPage(ctx).refresh(LOCAL)
+        LibraryPage(ctx, UploadRegistry()).refresh(LOCAL)
 
 
 def test_progress_html_escapes_names():

@@ -46,10 +46,27 @@ def test_section_is_replaced_not_appended(tmp_path):
 
 
 def test_sharedllm_bench_subcommand_delegates(monkeypatch):
-    import bench.cli
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
     from app import cli
 
     seen = {}
-    monkeypatch.setattr(bench.cli, "main", lambda argv, prog: seen.update(argv=argv, prog=prog) or 0)
+    monkeypatch.setattr(subprocess, "run", lambda argv, check: seen.update(argv=argv) or SimpleNamespace(returncode=0))
     assert cli.main(["bench", "speed", "--lengths", "4k", "--data-dir", "/tmp/x"]) == 0
-    assert seen["prog"] == "sharedllm bench" and seen["argv"][:3] == ["speed", "--lengths", "4k"]
+    assert seen["argv"][:6] == [sys.executable, "-m", "bench", "speed", "--lengths", "4k"]
+    assert "bench" not in {m.split(".")[0] for m in sys.modules if m.startswith("app")}
+
+
+def test_the_app_never_imports_bench():
+    """DESIGN: bench sits above the app; nothing in app/ imports it."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "app"
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "bench" or n.startswith("bench.") for n in names), path

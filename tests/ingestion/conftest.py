@@ -11,7 +11,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ingestion_fakes import FakeModel, FakeTree  # noqa: E402
 
+from app.extraction import ExtractionLimits  # noqa: E402
 from app.ingestion import IngestionService  # noqa: E402
+from app.services.documents import DocumentService  # noqa: E402
 from storage import TensorStore, User, make_engine, make_session_factory, upgrade  # noqa: E402
 from storage.db import sqlite_url  # noqa: E402
 
@@ -50,7 +52,23 @@ def fake_model() -> FakeModel:
     return FakeModel()
 
 
+def make_service(sessions, data_dir, model) -> IngestionService:
+    """The production ingestion service on `model` (its limits as Settings builds them by default)."""
+    return IngestionService(sessions, TensorStore(data_dir / "trees"), lambda: model,
+                            uploads_dir=data_dir / "uploads", limits=ExtractionLimits())
+
+
+def make_library(sessions, data_dir, service, tree_factory=FakeTree.from_tensors) -> DocumentService:
+    """The production library over the same store, repairing trees with `service` as the app wires it."""
+    return DocumentService(sessions, TensorStore(data_dir / "trees"), data_dir / "uploads",
+                           repair=service.ensure_tree, tree_factory=tree_factory)
+
+
 @pytest.fixture
 def service(sessions, data_dir, fake_model) -> IngestionService:
-    return IngestionService(sessions, TensorStore(data_dir / "trees"), fake_model,
-                            tree_factory=FakeTree.from_tensors)
+    return make_service(sessions, data_dir, fake_model)
+
+
+@pytest.fixture
+def library(sessions, data_dir, service) -> DocumentService:
+    return make_library(sessions, data_dir, service)

@@ -49,6 +49,7 @@ class FakeModel:
         self.config = FakeConfig(chunk_len)
         self.fingerprint = fingerprint
         self.name = "fake"
+        self.weights_trained, self.weights_warning = True, None
         self.delay_per_chunk = delay_per_chunk
         self.encode_calls = 0
 

@@ -59,3 +59,29 @@ def make_corrupt_pdf(source: Path, path: Path) -> Path:
     """The first 300 bytes of a real PDF: a valid header, then nothing usable."""
     path.write_bytes(source.read_bytes()[:300])
     return path
+
+
+def make_deflate_bomb_pdf(path: Path, decompressed_bytes: int = 1 << 30) -> Path:
+    """One page whose content stream inflates to `decompressed_bytes` of blanks (a few hundred KB on
+    disk for 1 GB): the classic decompression bomb."""
+    import zlib
+
+    packer = zlib.compressobj(9)
+    block = b" " * (1 << 20)
+    stream = b"".join(packer.compress(block) for _ in range(decompressed_bytes // len(block))) + packer.flush()
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R >>",
+        b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream + b"\nendstream",
+    ]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    path.write_bytes(bytes(out))
+    return path

@@ -5,7 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from pdf_factory import make_corrupt_pdf, make_encrypted_pdf, make_image_pdf, make_text_pdf
+from pdf_factory import (
+    make_corrupt_pdf,
+    make_deflate_bomb_pdf,
+    make_encrypted_pdf,
+    make_image_pdf,
+    make_text_pdf,
+)
 from sqlalchemy import func, select
 
 from app.extraction import ExtractionLimits, extract_pdf
@@ -80,6 +86,15 @@ def test_timeout_kills_the_child(text_pdf):
 def test_memory_limit_reports_out_of_memory(text_pdf):
     result = extract_pdf(text_pdf, ExtractionLimits(memory_bytes=40 * 1024**2))
     assert result.status == "failed" and "out of memory" in result.reason
+
+
+def test_deflate_bomb_says_what_happened(tmp_path):
+    """Issue 14, defect 10: a 1 GB deflate bomb was reported as "corrupt PDF: no page could be read"."""
+    bomb = make_deflate_bomb_pdf(tmp_path / "bomb.pdf", 1 << 30)
+    assert bomb.stat().st_size < 5 * 2**20
+    result = extract_pdf(bomb, ExtractionLimits(timeout_s=120))
+    assert result.status == "failed"
+    assert "decompress" in result.reason and "limit" in result.reason and "corrupt" not in result.reason
 
 
 def test_too_large_file_and_too_many_pages(text_pdf):

@@ -58,7 +58,7 @@ def _check_invariants(service, sessions, engine, data_dir: Path) -> None:
     return report
 
 
-def _trials(n, service, sessions, engine, users, data_dir, tmp_path):
+def _trials(n, service, library, sessions, engine, users, data_dir, tmp_path):
     rng = random.Random(1234)
     outcomes = []
     for trial in range(n):
@@ -70,15 +70,16 @@ def _trials(n, service, sessions, engine, users, data_dir, tmp_path):
         _check_invariants(service, sessions, engine, data_dir)
         again = service.ingest(users[0], pdf)
         assert again.status == "ready", again.error
-        assert service.load_trees(users[0], [again.id])[0].tree.n_tokens == again.tokens
+        [loaded] = library.load_for_qa(users[0], [again.id], service.lm.fingerprint)
+        assert loaded.tree.n_tokens == again.tokens
     return outcomes
 
 
-def test_kill9_during_ingestion(service, sessions, engine, users, data_dir, tmp_path):
-    _trials(2, service, sessions, engine, users, data_dir, tmp_path)
+def test_kill9_during_ingestion(service, library, sessions, engine, users, data_dir, tmp_path):
+    _trials(2, service, library, sessions, engine, users, data_dir, tmp_path)
 
 
 @pytest.mark.slow
-def test_kill9_during_ingestion_many(service, sessions, engine, users, data_dir, tmp_path):
-    outcomes = _trials(12, service, sessions, engine, users, data_dir, tmp_path)
+def test_kill9_during_ingestion_many(service, library, sessions, engine, users, data_dir, tmp_path):
+    outcomes = _trials(12, service, library, sessions, engine, users, data_dir, tmp_path)
     assert len(set(outcomes)) >= 3, outcomes  # several stages were hit, not only before/after

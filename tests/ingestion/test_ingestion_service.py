@@ -1,14 +1,17 @@
-"""IngestionService on the fake model (fast) and, for the real tree round trip, the tiny model."""
+"""IngestionService and the library's tree path (load, repair, cache invalidation) as the app wires
+them, on the fake model (fast) and, for the real tree round trip, the tiny model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_library, make_service
 from ingestion_fakes import FakeModel
 from pdf_factory import make_text_pdf, page_text
 from sqlalchemy import func, select
 
-from app.ingestion import DocumentNotFound, IngestionService, tokenize_pages
+from app.ingestion import tokenize_pages
+from app.services.errors import NotFound
 from storage import Chunk, ContextTreeRecord, Document, Page, TensorStore
 from storage.tensors import file_sha256
 
@@ -59,34 +62,37 @@ def test_same_bytes_twice_is_one_document_per_user(service, users, tmp_path, fak
         assert s.scalar(select(func.count()).select_from(Document)) == 2
 
 
-def test_load_trees_is_filtered_by_owner_and_round_trips(service, users, tmp_path):
+def test_library_loads_trees_by_owner_and_round_trips(service, library, users, tmp_path):
     doc = service.ingest(users[0], make_text_pdf(tmp_path / "a.pdf"))
-    [loaded] = service.load_trees(users[0], [doc.id])
-    expected = service.lm.encode_tree(loaded.token_ids.tolist())
-    assert torch.equal(loaded.tree.chunk_means, expected.chunk_means)
-    assert loaded.token_ids.dtype == torch.int32 and len(loaded.token_ids) == doc.tokens
-    with pytest.raises(DocumentNotFound):
-        service.load_trees(users[1], [doc.id])
-    with pytest.raises(DocumentNotFound):
-        service.load_trees(users[0], [doc.id + 100])
+    [loaded] = library.load_for_qa(users[0], [doc.id], "fake-v1")
+    expected = service.lm.encode_tree(loaded.token_ids)
+    assert torch.equal(loaded.tree.chunk_means, expected.chunk_means) and len(loaded.token_ids) == doc.tokens
+    with pytest.raises(NotFound):
+        library.load_for_qa(users[1], [doc.id], "fake-v1")
+    with pytest.raises(NotFound):
+        library.load_for_qa(users[0], [doc.id + 100], "fake-v1")
 
 
 def test_model_change_reencodes_and_never_mixes(service, sessions, users, tmp_path, data_dir):
     doc = service.ingest(users[0], make_text_pdf(tmp_path / "a.pdf"))
     new_model = FakeModel(chunk_len=32, fingerprint="fake-v2")
-    [loaded] = service.load_trees(users[0], [doc.id], new_model)
+    library = make_library(sessions, data_dir, make_service(sessions, data_dir, new_model))
+    [loaded] = library.load_for_qa(users[0], [doc.id], "fake-v2")
     assert new_model.encode_calls == 1 and loaded.tree.n_chunks == -(-doc.tokens // 32)
     with sessions() as s:
         trees = list(s.scalars(select(ContextTreeRecord)))
         n_chunks = s.scalar(select(func.count()).select_from(Chunk).where(Chunk.document_id == doc.id))
     assert [t.fingerprint for t in trees] == ["fake-v2"] and n_chunks == loaded.tree.n_chunks
     assert _files(data_dir / "trees") == [trees[0].path]
-    service.load_trees(users[0], [doc.id], new_model)
+    library.load_for_qa(users[0], [doc.id], "fake-v2")
     assert new_model.encode_calls == 1  # the stored tree is reused for the same fingerprint
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "flip"])
-def test_damaged_tree_file_is_detected_and_reencoded(service, sessions, users, tmp_path, data_dir, damage):
+def test_damaged_tree_file_is_detected_and_reencoded(service, library, sessions, users, tmp_path, data_dir,
+                                                      damage):
+    """The production repair path: the library's load fails on the file, ingestion re-encodes it, and
+    the cache serves the new version, never the old one."""
     doc = service.ingest(users[0], make_text_pdf(tmp_path / "a.pdf"))
     with sessions() as s:
         record = s.scalar(select(ContextTreeRecord))
@@ -100,18 +106,22 @@ def test_damaged_tree_file_is_detected_and_reencoded(service, sessions, users, t
         data[-3] ^= 0x10
         path.write_bytes(data)
     calls = service.lm.encode_calls
-    [loaded] = service.load_trees(users[0], [doc.id])
+    [loaded] = library.load_for_qa(users[0], [doc.id], "fake-v1")
     assert service.lm.encode_calls == calls + 1
     with sessions() as s:
-        record = s.scalar(select(ContextTreeRecord))
-    assert file_sha256(data_dir / "trees" / record.path) == record.sha256
-    assert torch.equal(loaded.tree.chunk_means, service.lm.encode_tree(loaded.token_ids.tolist()).chunk_means)
+        new = s.scalar(select(ContextTreeRecord))
+    assert file_sha256(data_dir / "trees" / new.path) == new.sha256
+    assert torch.equal(loaded.tree.chunk_means, service.lm.encode_tree(loaded.token_ids).chunk_means)
+    calls = service.lm.encode_calls
+    [again] = library.load_for_qa(users[0], [doc.id], "fake-v1")
+    assert again.tree is loaded.tree and service.lm.encode_calls == calls  # cached, not re-encoded
 
 
-def test_delete_document_removes_rows_and_files(service, sessions, users, tmp_path, data_dir):
+def test_delete_document_removes_rows_and_files(service, library, sessions, users, tmp_path, data_dir):
     doc = service.ingest(users[0], make_text_pdf(tmp_path / "a.pdf"))
-    assert not service.delete_document(users[1], doc.id)  # not bob's
-    assert service.delete_document(users[0], doc.id)
+    with pytest.raises(NotFound):
+        library.delete(users[1], doc.id)  # not bob's
+    library.delete(users[0], doc.id)
     with sessions() as s:
         for table in (Document, Page, Chunk, ContextTreeRecord):
             assert s.scalar(select(func.count()).select_from(table)) == 0
@@ -140,7 +150,7 @@ def test_recover_fails_interrupted_rows_and_removes_orphans(service, sessions, u
         record = s.scalar(select(ContextTreeRecord))
     assert _files(data_dir / "trees") == [record.path]
     assert _files(data_dir / "uploads") == [f"{users[0]}/{ready.sha256}.pdf"]
-    assert service.load_trees(users[0], [ready.id])
+    assert make_library(sessions, data_dir, service).load_for_qa(users[0], [ready.id], "fake-v1")
 
 
 def test_failed_document_is_retried_on_next_upload(service, users, tmp_path, monkeypatch):
@@ -163,15 +173,28 @@ def test_tokenize_pages_keeps_page_ranges():
 def test_tiny_model_end_to_end_exact_tree_round_trip(tiny_model, sessions, users, tmp_path, data_dir):
     from model import ContextTree
 
-    service = IngestionService(sessions, TensorStore(data_dir / "trees"), tiny_model)
+    service = make_service(sessions, data_dir, tiny_model)
     doc = service.ingest(users[0], make_text_pdf(tmp_path / "a.pdf", n_pages=2))
     assert doc.status == "ready"
-    [loaded] = service.load_trees(users[0], [doc.id])
+    library = make_library(sessions, data_dir, service, tree_factory=None)
+    [loaded] = library.load_for_qa(users[0], [doc.id], tiny_model.fingerprint)
     assert isinstance(loaded.tree, ContextTree)
-    fresh = tiny_model.encode_tree(loaded.token_ids.tolist()).to_tensors()
+    fresh = tiny_model.encode_tree(loaded.token_ids).to_tensors()
     stored = loaded.tree.to_tensors()
     assert fresh.keys() == stored.keys()
     for key in fresh:
         assert torch.equal(fresh[key], stored[key]), key
-    assert page_text(1).split("\n")[0] in tiny_model.tokenizer.decode(loaded.token_ids.tolist())
+    assert page_text(1).split("\n")[0] in tiny_model.tokenizer.decode(loaded.token_ids)
 
+
+def test_encoding_reports_progress_per_chunk(tiny_model, sessions, users, tmp_path, data_dir):
+    """Issue 14, defect 7: the bar sat at 20 % "reading text" for minutes (1,000 pages: 287 s) while
+    the first 16K-token batch was encoded. On a CPU, progress now comes per chunk, from the start."""
+    service = make_service(sessions, data_dir, tiny_model)
+    events = []
+    doc = service.ingest(users[0], make_text_pdf(tmp_path / "a.pdf", n_pages=6), progress=lambda *e: events.append(e))
+    n_chunks = -(-doc.tokens // tiny_model.config.chunk_len)
+    encode = [(done, total) for stage, done, total in events if stage == "encode"]
+    assert n_chunks >= 8 and encode[0] == (0, 1)  # "encoding" shows as soon as extraction ended
+    steps = {done for done, total in encode[1:]}
+    assert len(steps) >= 3 * n_chunks - 2, (n_chunks, sorted(steps))  # every chunk, at each of 3 levels

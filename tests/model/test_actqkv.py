@@ -88,10 +88,12 @@ def test_several_documents_form_one_memory_and_citations_name_document_tokens(ti
     memory = BlockMemory(tiny_base, [a, b])
     assert {d for d, _ in memory.pool} == {0, 1}
     assert all(j >= 1 for d, j in memory.pool if d == 0)  # the first document's init block is always read
+    mass = torch.zeros(memory.n_positions)  # the generation's own account
     out = list(generate_tokens(ActQKVRunner(tiny_base), memory.local_ids() + [7, 8], memory,
-                               GenerationSettings(max_new_tokens=6), prefix=memory.local_prefix()))
-    assert len(out) == 6
-    cited = memory.attribution()
+                               GenerationSettings(max_new_tokens=6), prefix=memory.local_prefix(),
+                               attention_mass=mass))
+    assert len(out) == 6 and mass.sum() > 0
+    cited = memory.attribution(mass)
     assert cited and abs(sum(c.mass for c in cited) - 1) < 1e-4 or len(cited) == 16
     for c in cited:
         length = (a, b)[c.doc_index].length - 10

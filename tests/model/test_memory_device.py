@@ -1,5 +1,6 @@
 """A tree whose K/V live on the GPU (`ContextTree.kv_to`) yields exactly the memory of the same
-tree in host memory: the GPU path for hot documents changes where the gather runs, not what it reads."""
+tree in host memory: the GPU path for hot documents changes where the gather runs, not what it reads.
+(CUDA only: on the CPU `kv_to` is the identity, so the comparison could not fail.)"""
 
 from __future__ import annotations
 
@@ -27,10 +28,6 @@ def _assert_same(a, b):
     if a.mask is not None:
         assert torch.equal(a.mask.cpu(), b.mask.cpu())
     assert torch.equal(a.spans, b.spans) and torch.equal(a.chunk_index, b.chunk_index)
-
-
-def test_kv_to_keeps_the_memory_identical_on_the_host():
-    _assert_same(*_memories("cpu"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

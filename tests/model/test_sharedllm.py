@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -124,8 +126,38 @@ def test_attribution_points_at_the_position_the_answer_attends(tiny_shared):
         e0 = torch.zeros(1, 1, 1, cfg.head_dim)
         e0[..., 0] = 1.0
         memory.keys[-1, 0, :, target] = 200 * apply_rope(e0, cos, sin)[0, 0]
-    list(generate_tokens(tiny_shared, random_ids(5).tolist(), memory, GenerationSettings(max_new_tokens=4)))
-    top = attribute(memory)[0]
+    mass = torch.zeros(memory.n_positions)
+    list(generate_tokens(tiny_shared, random_ids(5).tolist(), memory, GenerationSettings(max_new_tokens=4),
+                         attention_mass=mass))
+    top = attribute(memory, mass)[0]
     assert (top.chunk_index, top.token_start, top.token_end) == (
         int(memory.chunk_index[target]), int(memory.spans[target, 0]), int(memory.spans[target, 1]))
     assert top.mass > 0.9
+
+
+def test_two_answers_on_one_memory_keep_their_own_citations(tiny_shared):
+    """Issue 14: citations rode on the memory (`Memory.mass`/`tracking`, written in the forward pass),
+    so two generations reading one memory (two threads) mixed their masses and the first to finish
+    switched the other's tracking off. Each generation owns its attribution now."""
+    from model.generate import TextStream
+
+    tree = tiny_shared.encode_tree(random_ids(64 * 4, seed=7))
+    memory = tiny_shared.build_memory([tree], None)
+    tokenizer = SimpleNamespace(decode=lambda ids, **_: " ".join(map(str, ids)))
+
+    def stream(prompt_seed, n):
+        return TextStream(tiny_shared, tokenizer, random_ids(6, seed=prompt_seed).tolist(), memory,
+                          GenerationSettings(max_new_tokens=n), eos_ids=())
+
+    alone = stream(2, 12)
+    list(alone)
+    short, long = stream(1, 3), stream(2, 12)
+    pieces = [iter(short), iter(long)]
+    while pieces:  # interleaved step by step, as two threads would run them
+        for it in list(pieces):
+            if next(it, None) is None:
+                pieces.remove(it)
+    assert [(a.chunk_index, a.token_start) for a in long.result.attribution] == [
+        (a.chunk_index, a.token_start) for a in alone.result.attribution]
+    for a, b in zip(long.result.attribution, alone.result.attribution, strict=True):
+        assert abs(a.mass - b.mass) < 1e-5
