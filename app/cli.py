@@ -353,7 +353,18 @@ def cmd_ask(args, settings, out):
             temperature=settings.temperature if args.temperature is None else args.temperature,
             max_citations=settings.max_citations,
         )
+        from tqdm import tqdm
+
         final = None
+        bars: list[Any] = []
+
+        def progress(stage: str, done: int, total: int) -> None:
+            """An engine's per-document state built on its first use (e.g. actqkv's): a bar on stderr."""
+            if not bars:
+                bars.append(tqdm(total=total, desc=f"{stage} (first use)", unit="block", file=sys.stderr))
+            bars[0].n = done
+            bars[0].refresh()
+
         for item in ctx.qa.answer(
             owner.id,
             args.question,
@@ -361,12 +372,17 @@ def cmd_ask(args, settings, out):
             args.conversation,
             args.engine or settings.engine,
             answer_settings,
+            progress=progress,
         ):
+            if bars and not isinstance(item, Answer):
+                bars.pop().close()
             if isinstance(item, Answer):
                 final = item
             elif isinstance(item, str) and not args.json:
                 out.write(item)
                 out.flush()
+        for bar in bars:
+            bar.close()
     finally:
         ctx.close()
     if not args.json:
