@@ -378,6 +378,8 @@ class ChatPage(Pages):
         )
         text = ""
         try:
+            for status in self._prepare_states(owner, [int(i) for i in document_ids or []], engine):
+                yield history, conversation_id, gr.update(), gr.update(), status, gr.update()
             for item in self.ctx.qa.answer(
                 owner, question, [int(i) for i in document_ids or []], conversation_id, engine, settings
             ):
@@ -407,6 +409,30 @@ class ChatPage(Pages):
             render.notes_markdown(final.notes) + render.timing_markdown(final.engine, final.timings),
             gr.update(),
         )
+
+    def _prepare_states(self, owner: int, document_ids: list[int], engine: str):
+        """Yields status lines while an engine builds the documents' persisted state on its first use
+        (actqkv: minutes for a long PDF on a CPU), so the chat does not sit on "Thinking…" silently."""
+        if not getattr(ENGINES.get(engine), "needs_block_state", False):
+            return
+        events: queue.Queue = queue.Queue()
+
+        def work() -> None:
+            try:
+                for n, doc_id in enumerate(document_ids, 1):
+                    self.ctx.qa.warm_block_state(
+                        owner, doc_id, lambda stage, done, total, n=n: events.put((n, done, total)))
+                events.put(None)
+            except Exception as exc:  # ServiceError (not found, not ready) reaches the user as is
+                events.put(exc)
+
+        threading.Thread(target=work, daemon=True, name="prepare-states").start()
+        while (event := events.get()) is not None:
+            if isinstance(event, Exception):
+                raise event
+            n, done, total = event
+            yield (f"Reading document {n} of {len(document_ids)} into {engine}'s block memory (first use, "
+                   f"then stored): {done}/{total} blocks")
 
     def show_page(self, key: str | None, request: gr.Request) -> str:
         if not key:

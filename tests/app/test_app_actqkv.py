@@ -154,3 +154,26 @@ def test_ingestion_encodes_only_the_servers_engine_and_others_build_on_first_use
     items = list(ctx.qa.answer(owner, "How many units are in lot 2?", [info["id"]], None, "sharedllm", SETTINGS))
     assert isinstance(items[-1], Answer) and kinds() == ["actqkv", "tree"]  # the tree on its first use
     ctx.close()
+
+
+def test_the_chat_shows_progress_while_a_state_is_built_on_first_use(small_ctx, make_doc):
+    from types import SimpleNamespace
+
+    from app.ui.access import ExportLinks
+    from app.ui.pages import ChatPage
+
+    ctx = small_ctx
+    owner = ctx.auth.local_user().id
+    doc = make_doc(owner, pages=PAGES)
+    chat = ChatPage(ctx, ExportLinks(ctx.conversations.transcript))
+    request = SimpleNamespace(username=None, session_hash="page-1")
+    chat.take_question("How many units are in lot 2?", request)
+    frames = list(chat.ask(None, [doc], "actqkv", 8, 0.0, request))
+    statuses = [f[4] for f in frames]
+    reading = [s for s in statuses if "block memory" in s]
+    done, total = reading[-1].rsplit(": ", 1)[1].split()[0].split("/")
+    assert "1 of 1" in reading[0] and done == total and int(total) > 1  # per execution block, to the end
+    assert "**Sources**" in frames[-1][0][-1]["content"] and "first token" in frames[-1][4]
+    chat.take_question("And lot 3?", request)
+    again = list(chat.ask(frames[-1][1], [doc], "actqkv", 8, 0.0, request))
+    assert not [f for f in again if "block memory" in str(f[4])]  # stored: no second reading
