@@ -24,10 +24,12 @@ if TYPE_CHECKING:
 DEFAULT_ENGINE = "rag"
 DEFAULT_ENGINE_REASON = (
     "best on the project's real-PDF QA benchmark with the default model (Qwen2.5-Coder-0.5B-Instruct, "
-    "2026-12-01: rag 26/35, full 18/35, sharedllm 1/35 questions answered; docs/benchmarks.md). "
+    "2026-12-01: rag 26/35, full 18/35, sharedllm 1/35 questions answered; with actqkv in the same run "
+    "on 16 of them: rag 12, full 12, actqkv 10, sharedllm 0; docs/benchmarks.md). "
     "full reads the whole document instead (up to 32K tokens; its prompt is cached after the first "
-    "question); sharedllm has no trained cross-attention for this model yet, so its answers are not "
-    "grounded in the documents"
+    "question); actqkv reads whole documents of any length from stored block K/V and answers a second "
+    "after the question, but finds facts less reliably past 4K tokens; sharedllm has no trained "
+    "cross-attention for this model yet, so its answers are not grounded in the documents"
 )
 ENV_PREFIX = "SHAREDLLM_"
 
