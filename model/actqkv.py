@@ -346,11 +346,8 @@ class BlockMemory:
         self._local_src = self._source_ids(len(states) - 1, torch.arange(self.w0, last.length))
 
     def _pool_reprs(self, layer: int) -> torch.Tensor:
-        parts = []
-        for d, st in enumerate(self.states):
-            blocks = [j for dd, j in self.pool if dd == d]
-            if blocks:
-                parts.append(st.reprs[layer][blocks[0]:blocks[-1] + 1])
+        """The pool's representatives in pool order (each document's pool blocks are one range)."""
+        parts = [st.reprs[layer][lo:hi] for st, (lo, hi) in zip(self.states, self._pool_ranges, strict=True) if hi > lo]
         if not parts:
             return torch.zeros(0, 1, 1)
         return torch.cat(parts).to(self.device, torch.float32)
