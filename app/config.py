@@ -60,6 +60,9 @@ class Settings:
     # ActQKV knobs as JSON overriding model.block_retrieval.ActQKVConfig, e.g. '{"budget": 32}' (part of
     # the stored states' fingerprint: documents are re-encoded for the `actqkv` engine on demand).
     actqkv: str | None = None
+    # HOMER's knobs as a JSON object (model.homer.HomerConfig fields), e.g. '{"chunk_tokens": 8192}';
+    # the per-document ones are part of the stored leaves' fingerprint
+    homer: str | None = None
     # "auto" picks CUDA when available, else CPU.
     device: str = "auto"
     # torch's CPU threads; None keeps torch's default (one per core). OMP_WAIT_POLICY is set to PASSIVE
@@ -125,6 +128,8 @@ class Settings:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.actqkv is not None:
             self.actqkv_config()  # validated here: a bad value fails at start-up, naming the setting
+        if self.homer is not None:
+            self.homer_config()
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.gpu_tree_cache_gb < 0:
@@ -152,6 +157,21 @@ class Settings:
             return ActQKVConfig.from_dict(values)
         except (ValueError, TypeError, ModelConfigError) as exc:
             raise ConfigError(f"{ENV_PREFIX}ACTQKV must be a JSON object of ActQKV settings: {exc}") from None
+
+    def homer_config(self) -> Any:
+        """The HOMER configuration these settings ask for (defaults when `homer` is unset)."""
+        from model.config import ConfigError as ModelConfigError
+        from model.homer import HomerConfig
+
+        if not self.homer:
+            return HomerConfig()
+        try:
+            values = json.loads(self.homer)
+            if not isinstance(values, dict):
+                raise ValueError("not a JSON object")
+            return HomerConfig.from_dict(values)
+        except (ValueError, TypeError, ModelConfigError) as exc:
+            raise ConfigError(f"{ENV_PREFIX}HOMER must be a JSON object of HOMER settings: {exc}") from None
 
     @property
     def resolved_database_url(self) -> str:

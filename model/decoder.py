@@ -61,6 +61,7 @@ class KVCache:
         self.k = torch.zeros((batch, n_kv, max_len, head_dim), device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.length = 0
+        self.offset = 0  # RoPE position minus cache index (a merged prefix: `load_prefix(..., position)`)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         if self.static:  # no host-side state: a compiled / graphed step must not see a changing int
@@ -71,23 +72,28 @@ class KVCache:
         end = start + t
         if end > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions is full (need {end})")
-        if input_pos.device.type == "cpu" and (int(input_pos[0]) != start or input_pos.numel() != t):
-            raise ValueError(f"KV cache holds {start} positions; input_pos must continue it")
+        if input_pos.device.type == "cpu" and (int(input_pos[0]) - self.offset != start or input_pos.numel() != t):
+            raise ValueError(f"KV cache holds {start} positions (next at {start + self.offset}); input_pos must continue it")
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def load_prefix(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Starts the cache from persisted states of a prompt prefix (B, nkv, P, hd)."""
+    def load_prefix(self, k: torch.Tensor, v: torch.Tensor, position: int | None = None) -> None:
+        """Starts the cache from persisted states of a prompt prefix (B, nkv, P, hd); `position`, when
+        given, is the RoPE position of the next token (a merged prefix holds fewer entries than the
+        positions it spans: HOMER)."""
         if self.length:
             raise ValueError("load_prefix needs an empty cache")
         p = k.shape[2]
         if p > self.max_len:
             raise ValueError(f"a prefix of {p} positions does not fit a cache of {self.max_len}")
+        if position is not None and position != p and self.static:
+            raise ValueError("a static cache writes at the RoPE positions: it cannot take a merged prefix")
         self.k[:, :, :p] = k
         self.v[:, :, :p] = v
         self.length = p
+        self.offset = 0 if position is None else position - p
 
     def prefix(self, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the first `length` (default: all written) positions, e.g. to persist them."""

@@ -93,10 +93,17 @@ class PrefixState:
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
+    # the RoPE position of the prompt's next token, when it is not `length`: a merged cache (HOMER)
+    # holds fewer entries than the positions its tokens sat at
+    position: int | None = None
 
     @property
     def length(self) -> int:
         return int(self.k[0].shape[2]) if self.k else 0
+
+    @property
+    def next_position(self) -> int:
+        return self.length if self.position is None else self.position
 
 
 def compiled_decode_step(mode: str = "reduce-overhead"):
@@ -129,19 +136,22 @@ def generate_tokens(model, prompt_ids: Sequence[int], memory: Memory | None, set
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     ids = torch.tensor([list(prompt_ids)], device=device)
     cache = base.new_cache(1, ids.shape[1] + settings.max_new_tokens, static=step_fn is not None)
-    start = 0
+    start, shift = 0, 0  # prompt index where prefilling starts; RoPE position minus cache index
     if prefix is not None and prefix.length:
         if prefix.length >= ids.shape[1]:
             raise ValueError(f"a prefix of {prefix.length} tokens leaves nothing to prefill of {ids.shape[1]}")
+        shift = prefix.next_position - prefix.length
+        if shift and step_fn is not None:
+            raise ValueError("a compiled decoding step needs a prefix whose positions are its cache indices")
         for layer, k, v in zip(cache, prefix.k, prefix.v, strict=True):
-            layer.load_prefix(k.to(device, layer.k.dtype), v.to(device, layer.v.dtype))
+            layer.load_prefix(k.to(device, layer.k.dtype), v.to(device, layer.v.dtype), prefix.next_position)
         start = prefix.length
     step = step_fn or functools.partial(decode_one_token, attention_mass=attention_mass)
     every = sync_interval(device)
-    logits = prefill(model, ids[:, start:], memory, cache, start, attention_mass)
+    logits = prefill(model, ids[:, start:], memory, cache, start + shift, attention_mass)
     if on_prefix is not None:
         on_prefix(cache)
-    input_pos = torch.tensor([ids.shape[1]], device=device)
+    input_pos = torch.tensor([ids.shape[1] + shift], device=device)
     pending: list[torch.Tensor] = []
     for n in range(settings.max_new_tokens):
         token = sample(logits, settings.temperature, settings.top_p, generator)

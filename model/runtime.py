@@ -16,8 +16,11 @@ import torch
 
 from model.actqkv import ActQKVRunner, BlockMemory, BlockState, encode_stream
 from model.block_retrieval import ActQKVConfig
+from model.homer import HomerConfig
 from model.config import SharedLLMConfig
 from model.generate import GenerationSettings, PrefixState, TextStream
+from model.homer_memory import HomerMemory
+from model.homer_state import HomerPrefix, HomerState, answer_prefix, encode_document
 from model.catalog import BUNDLED, bundled
 from model.loading import (
     ModelError,
@@ -62,6 +65,8 @@ class LoadedModel:
     # scale (saved as "warning" in the weights' metadata by whoever trained them)
     weights_warning: str | None = None
     actqkv: ActQKVConfig = field(default_factory=ActQKVConfig)  # the training-free engine's knobs
+    homer: HomerConfig = field(default_factory=HomerConfig)  # HOMER's knobs (resolved per model on use)
+    homer_bias: torch.Tensor | None = field(default=None, repr=False)  # its calibration, once computed
 
     @property
     def config(self) -> SharedLLMConfig:
@@ -131,6 +136,39 @@ class LoadedModel:
         dtype = str(self.model.base.embed_tokens.weight.dtype)
         return self.actqkv.fingerprint(f"{self.checkpoint_hash}:{dtype}", prompt_layout)
 
+    # --- HOMER (model/homer.py) ------------------------------------------------------------------
+    def homer_config(self) -> HomerConfig:
+        return self.homer.resolve(self.model.base.config)
+
+    def homer_fingerprint(self, prompt_layout: str) -> str:
+        dtype = str(self.model.base.embed_tokens.weight.dtype)
+        return self.homer_config().fingerprint(f"{self.checkpoint_hash}:{dtype}", prompt_layout)
+
+    def homer_calibration_id(self) -> str:
+        from model.homer_calibration import calibration_identity
+
+        return calibration_identity(self.homer_config(), self.checkpoint_hash, str(self.model.base.embed_tokens.weight.dtype))
+
+    def calibrate_homer(self) -> torch.Tensor:
+        """HOMER's significance bias for this model (model/homer_calibration.py; seconds to a minute)."""
+        from model.homer_calibration import CALIBRATION_TEXT, calibrate, calibration_windows
+
+        cfg = self.homer_config()
+        windows = calibration_windows(self.tokenize(CALIBRATION_TEXT.read_text()), cfg)
+        return calibrate(self.model.base, windows, cfg.calibration_queries)
+
+    def encode_homer(self, prefix_ids: list[int], token_ids: list[int], doc_offset: int,
+                     progress: Progress | None = None) -> HomerState:
+        """HOMER's persisted leaves of one document's context stream (model/homer_state.py)."""
+        return encode_document(self.model.base, self.homer_config(), prefix_ids, token_ids, doc_offset, progress)
+
+    def homer_prefix(self, states: list[HomerState], suffix_ids: list[int]) -> tuple[HomerPrefix, HomerMemory]:
+        """One question's merged cache over the documents' leaves, and the memory that decodes it."""
+        if self.homer_bias is None:
+            self.homer_bias = self.calibrate_homer()
+        result = answer_prefix(self.model.base, self.homer_config(), states, suffix_ids, self.homer_bias)
+        return result, HomerMemory(self.model.base, result.doc, result.tok, [st.doc_offset for st in states])
+
     def build_memory(self, trees: list[ContextTree], question: str | None,
                      top_k_chunks: int | None = None) -> Memory:
         query = None
@@ -147,7 +185,12 @@ class LoadedModel:
         settings = settings or GenerationSettings()
         ids = prompt_ids if prompt_ids is not None else self.chat_ids(messages)
         # an ActQKV memory is read by the base model's own attention, not by cross-attention
-        runner = ActQKVRunner(self.model.base) if isinstance(memory, BlockMemory) else self.model
+        if isinstance(memory, BlockMemory):
+            runner = ActQKVRunner(self.model.base)
+        elif isinstance(memory, HomerMemory):  # a merged cache read by the base model, mass tracked
+            runner = memory.runner()
+        else:
+            runner = self.model
         return TextStream(runner, self.tokenizer, ids, memory, settings, self.eos_ids, retrieval_s,
                           prefix=prefix, on_prefix=on_prefix)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from app.auth import AuthService
 from app.config import Settings
-from app.services.block_states import BlockStateService
+from app.services.document_states import DocumentStateService
 from app.ingestion import IngestionService, ProgressFn
 from app.services.conversations import ConversationService
 from app.services.documents import DocumentService
@@ -52,7 +52,8 @@ class AppContext:
         self.ingestion = IngestionService(
             self.sessions, self.tensors, self.model, uploads_dir=settings.uploads_dir,
             limits=settings.extraction_limits(),
-            on_ready={"full": self._warm_full_prompt, "actqkv": self._warm_block_state}.get(settings.engine),
+            on_ready={"full": self._warm_full_prompt, "actqkv": self._warm_engine_state,
+                      "homer": self._warm_engine_state}.get(settings.engine),
             encode_trees=settings.engine == "sharedllm",  # other engines' state: at ingestion or first use
         )
         trees = TreeCache(device_bytes=int(settings.gpu_tree_cache_gb * 2**30), device=lambda: self.model().device)
@@ -61,9 +62,9 @@ class AppContext:
         )
         self.conversations = ConversationService(self.sessions)
         self.prompt_cache = PromptCacheService(self.sessions, self.tensors)
-        self.block_states = BlockStateService(self.sessions, self.tensors)
+        self.states = DocumentStateService(self.sessions, self.tensors)
         self.qa = QAService(
-            self.sessions, self.documents, self.model, self.prompt_cache, self.block_states,
+            self.sessions, self.documents, self.model, self.prompt_cache, self.states,
             max_new_tokens_limit=settings.max_new_tokens_limit, max_temperature=settings.max_temperature,
         )
 
@@ -92,14 +93,14 @@ class AppContext:
         if progress:
             progress("prompt", 1, 1)
 
-    def _warm_block_state(self, owner_id: int, document_id: int, progress: ProgressFn | None) -> None:
-        """The server's engine is `actqkv`: the document's block state is encoded right after ingestion
-        (progress per execution block), not on the first question. A failure only moves that work to
-        the first question."""
+    def _warm_engine_state(self, owner_id: int, document_id: int, progress: ProgressFn | None) -> None:
+        """The server's engine keeps a per-document state (actqkv's block K/V, homer's leaves): it is
+        encoded right after ingestion (with progress), not on the first question. A failure only moves
+        that work to the first question."""
         try:
-            self.qa.warm_block_state(owner_id, document_id, progress)
+            self.qa.warm_engine_state(owner_id, document_id, self.settings.engine, progress)
         except Exception:
-            logger.exception("could not prepare the actqkv state of document %s", document_id)
+            logger.exception("could not prepare the %s state of document %s", self.settings.engine, document_id)
 
     def close(self) -> None:
         self.db.dispose()
@@ -114,4 +115,5 @@ def _load_default(settings: Settings) -> LanguageModel:
         threads=settings.threads, **overrides,
     )
     lm.actqkv = settings.actqkv_config()
+    lm.homer = settings.homer_config()
     return lm

@@ -1,4 +1,5 @@
-"""Per-document tensor files derived from a document by a model (prompt caches, ActQKV block states).
+"""Per-document tensor files derived from a document by a model (prompt caches, ActQKV block states,
+HOMER leaves).
 
 One safetensors file per (document, fingerprint) in the tensor store, recorded in the same
 `context_trees` table as the trees: written to a temporary name, fsynced and renamed by the store,
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 # fingerprints of derived states (not trees): each checks its own validity (token ids, source digest),
 # so re-encoding a document's tree leaves them alone
-DERIVED_PREFIXES = ("prompt-", "actqkv-")
+DERIVED_PREFIXES = ("prompt-", "actqkv-", "homer-")
 
 
 def is_derived_state(fingerprint: str) -> bool:

@@ -351,6 +351,18 @@ def document_stream(lm: Any, doc: DocumentContext) -> tuple[list[int], int]:
     return head_ids + list(ids), len(head_ids)
 
 
+def homer_stream(lm: Any, doc: DocumentContext) -> tuple[list[int], list[int], int]:
+    """What `homer` encodes for one document: the prompt's header (the prefix of every chunk), the
+    context stream ("Document: name" line, then the document's tokens as ingestion made them), and
+    where in that stream the document's tokens start."""
+    from app.ingestion import tokenize_pages
+
+    head, _ = around_documents(lm, "?", [])
+    name_ids = lm.tokenize(f"Document: {doc.name}\n")
+    ids = doc.token_ids if doc.token_ids is not None else tokenize_pages(lm.tokenizer, [p.text for p in doc.pages]).token_ids
+    return lm.tokenize(head), name_ids + list(ids), len(name_ids)
+
+
 def stream_digest(lm: Any, doc: DocumentContext) -> str:
     """What `document_stream` depends on, hashed without tokenizing (checked before a stored state is
     used: hashing the page texts costs milliseconds, tokenizing a 128K-token document seconds)."""
@@ -370,7 +382,7 @@ class ActQKVEngine:
     name = "actqkv"
     summary = "whole documents read from persisted block K/V (training-free)"
     needs_tree = False
-    needs_block_state = True  # the QA service loads or builds each document's state first
+    state_kind = "actqkv"  # the QA service loads or builds each document's state first
 
     def prepare(self, lm, question, docs, history):
         t0 = time.perf_counter()
@@ -386,8 +398,35 @@ class ActQKVEngine:
         return attention_citations(lm, docs, result, k)
 
 
+class HomerEngine:
+    """Training-free: the whole documents merged per question into one cache of about a chunk's
+    length (HOMER, model/homer.py), from their persisted leaves; citations from the attention mass
+    on the context tokens the merge kept."""
+
+    name = "homer"
+    summary = "whole documents merged per question into one cache (HOMER, training-free)"
+    needs_tree = False
+    state_kind = "homer"
+
+    def prepare(self, lm, question, docs, history):
+        t0 = time.perf_counter()
+        states = [doc.extra.get("homer") or lm.encode_homer(*homer_stream(lm, doc)) for doc in docs]
+        _, tail = around_documents(lm, question, history)
+        result, memory = lm.homer_prefix(states, lm.tokenize(tail))
+        messages = with_documents_first(f"[{len(docs)} document(s) merged by HOMER]", question, history)
+        notes = {"homer_input_tokens": result.input_tokens, "homer_cache_tokens": result.prefix.length + 1}
+        if result.leaves_computed:
+            notes["homer_leaves_computed"] = result.leaves_computed
+        return Prepared(messages, memory, time.perf_counter() - t0, question=question, prompt_ids=result.prompt_ids,
+                        prefix=result.prefix, notes=notes)
+
+    def citations(self, lm, docs, prepared, result, k):
+        return attention_citations(lm, docs, result, k)
+
+
 # The one registry of engines (name -> engine): add a new engine's instance here.
-ENGINES: dict[str, Engine] = {e.name: e for e in (SharedLLMEngine(), ActQKVEngine(), FullContextEngine(), RagEngine())}
+ENGINES: dict[str, Engine] = {e.name: e for e in (SharedLLMEngine(), ActQKVEngine(), HomerEngine(),
+                                                  FullContextEngine(), RagEngine())}
 
 
 def get_engine(name: str) -> Engine:

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.services.block_states import BlockStateService
+from app.services.document_states import DocumentStateService
 from app.services.conversations import owned_conversation, title_from_question
 from app.services.documents import DocumentService
 from app.services.engines import get_engine
@@ -117,7 +117,7 @@ class QAService:
         documents: DocumentService,
         model_provider: Callable[[], LanguageModel],
         prompt_cache: PromptCacheService | None = None,
-        block_states: BlockStateService | None = None,
+        states: DocumentStateService | None = None,
         max_new_tokens_limit: int = 1024,
         max_temperature: float = 2.0,
     ):
@@ -126,7 +126,7 @@ class QAService:
         self._documents = documents
         self._model = model_provider  # returns the LoadedModel, loading it on first use
         self._prompt_cache = prompt_cache
-        self._block_states = block_states
+        self._states = states
 
     def answer(
         self,
@@ -159,8 +159,9 @@ class QAService:
         asked = self._store_question(owner_id, conversation_id, document_ids, engine, question)
         yield asked
 
-        if getattr(impl, "needs_block_state", False) and self._block_states is not None:  # optional member
-            self._block_states.ensure(lm, docs, progress)  # built and persisted on first use
+        kind = getattr(impl, "state_kind", None)  # optional member: engines with per-document state
+        if kind and self._states is not None:
+            self._states.ensure(kind, lm, docs, progress)  # built and persisted on first use
         prepared = impl.prepare(lm, question, docs, history)
         if impl.needs_tree and not lm.weights_trained:
             prepared.notes["warning"] = UNTRAINED_WARNING
@@ -229,14 +230,17 @@ class QAService:
                     len(key.token_ids), time.perf_counter() - t0)
         return len(key.token_ids)
 
-    def warm_block_state(self, owner_id: int, document_id: int, progress: Callable[[str, int, int], None] | None = None) -> int:
-        """Builds and persists `actqkv`'s state of one document ahead of any question (after ingestion,
-        when it is the server's engine); returns 1 if it was encoded, 0 if already stored."""
-        if self._block_states is None:
+    def warm_engine_state(self, owner_id: int, document_id: int, engine: str,
+                          progress: Callable[[str, int, int], None] | None = None) -> int:
+        """Builds and persists `engine`'s per-document state (actqkv, homer) of one document ahead of
+        any question (after ingestion, when it is the server's engine); returns 1 if it was encoded,
+        0 if already stored or the engine keeps none."""
+        kind = getattr(get_engine(engine), "state_kind", None)
+        if self._states is None or not kind:
             return 0
         lm = self._model()
         docs = self._documents.load_for_qa(owner_id, [document_id], None)
-        return self._block_states.ensure(lm, docs, progress)
+        return self._states.ensure(kind, lm, docs, progress)
 
     def _prompt_and_prefix_key(self, lm: Any, prepared: Any, document_id: int) -> tuple[list[int], Any]:
         """The prompt's token ids and the cache key of its persistable prefix (None: nothing to cache)."""

@@ -413,15 +413,15 @@ class ChatPage(Pages):
     def _prepare_states(self, owner: int, document_ids: list[int], engine: str):
         """Yields status lines while an engine builds the documents' persisted state on its first use
         (actqkv: minutes for a long PDF on a CPU), so the chat does not sit on "Thinking…" silently."""
-        if not getattr(ENGINES.get(engine), "needs_block_state", False):
+        if not getattr(ENGINES.get(engine), "state_kind", None):
             return
         events: queue.Queue = queue.Queue()
 
         def work() -> None:
             try:
                 for n, doc_id in enumerate(document_ids, 1):
-                    self.ctx.qa.warm_block_state(
-                        owner, doc_id, lambda stage, done, total, n=n: events.put((n, done, total)))
+                    self.ctx.qa.warm_engine_state(
+                        owner, doc_id, engine, lambda stage, done, total, n=n: events.put((n, stage, done, total)))
                 events.put(None)
             except Exception as exc:  # ServiceError (not found, not ready) reaches the user as is
                 events.put(exc)
@@ -430,9 +430,13 @@ class ChatPage(Pages):
         while (event := events.get()) is not None:
             if isinstance(event, Exception):
                 raise event
-            n, done, total = event
-            yield (f"Reading document {n} of {len(document_ids)} into {engine}'s block memory (first use, "
-                   f"then stored): {done}/{total} blocks")
+            n, stage, done, total = event
+            if stage == "calibration":
+                yield f"Calibrating {engine} for this model (once, then stored)…"
+                continue
+            what, unit = ("block memory", "blocks") if engine == "actqkv" else ("stored leaves", "pieces")
+            yield (f"Reading document {n} of {len(document_ids)} into {engine}'s {what} (first use, "
+                   f"then stored): {done}/{total} {unit}")
 
     def show_page(self, key: str | None, request: gr.Request) -> str:
         if not key:

@@ -119,7 +119,7 @@ def test_ingestion_builds_the_state_when_actqkv_is_the_servers_engine(tiny_model
     encoding = [s for s in stages if s[0] == "actqkv"]
     assert encoding and encoding[-1][1] == encoding[-1][2] and len(encoding) > 1  # per execution block
     assert [r[0] for r in state_rows(ctx)] == [info["id"]]
-    assert ctx.qa.warm_block_state(owner, info["id"]) == 0  # already stored
+    assert ctx.qa.warm_engine_state(owner, info["id"], "actqkv") == 0  # already stored
     ctx.close()
 
 

@@ -1,0 +1,320 @@
+"""HOMER: training-free hierarchical context merging (Song et al., ICLR 2024; read from alinlab/HOMER).
+
+Notation: L layers, W warm-up layers, h tree height, P / S prefix / suffix tokens, nh / nkv query /
+KV heads (GQA group g = nh / nkv), hd head dim, T tokens of a chunk.
+
+The input is prefix (chat header) + context (the documents) + suffix (earlier turns, the question,
+the assistant header). The context is cut into 2^h pieces (`pieces`); each leaf chunk is
+prefix + piece + suffix with positions from 0, so every chunk fits half the model's window. The
+layers above the first W are split into h + 1 groups (`Schedule`): a leaf runs the warm-up layers and
+the first group, each merge level one further group. At the last layer of each group the chunk is
+reduced to its target length (`keep_mask`): a context token's significance is the final suffix
+token's pre-softmax attention logit to it, maximised over the query heads (keys repeated per GQA
+group: the released code breaks on GQA models), minus a per-layer, per-distance calibration bias
+(`model.homer_calibration`); the least significant context tokens go, prefix and suffix never. Two
+adjacent reduced chunks merge (`merge`): contexts concatenated, prefix and suffix states averaged.
+Every drop removes the token from the K/V of all lower layers too (propagative refinement), so the
+root leaves one ordinary KV cache of about the target length in every layer, read by decoding.
+
+The tree is walked depth first (`Merger.run`): a left subtree is reduced to one chunk before the
+right one starts, so at most one chunk per level is alive (memory logarithmic in the input).
+Leaves come from `leaf` callbacks, so their suffix-independent part can be persisted per document
+(`model.homer_state`) and only the suffix, the reductions and the merges run per question.
+
+Exactness anchor: with one chunk and no reduction (prefix + context + suffix within the target)
+HOMER is ordinary causal attention over the whole prompt, i.e. `full` (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from model.config import ConfigError, ModelConfig
+from model.rope import apply_rope
+
+HOMER_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class HomerConfig:
+    """Every HOMER knob; the per-document fields are saved with a document's state and fingerprinted."""
+
+    chunk_tokens: int = 0  # a chunk's length (prefix + piece + suffix); 0: half the model's window
+    warmup_layers: int = -1  # layers without merging; -1: 3/8 of the layers (HOMER: 12 of Llama-2's 32)
+    target_tokens: int = 0  # the final KV cache's length; 0: chunk_tokens (HOMER's setting)
+    # question tokens (earlier turns, question, assistant header) the chunking leaves room for: the
+    # pieces are cut before any question is known, so their leaf states can be persisted
+    suffix_reserve: int = 256
+    # a document's stored leaves serve trees up to this many levels taller than its own (several
+    # documents asked together): the leaf's top hidden state is stored for each such height
+    extra_heights: int = 2
+    state_dtype: str = "bfloat16"  # persisted leaf K/V and hidden states: bfloat16, float16 or float32
+    calibration_tokens: int = 4096  # calibration window: biases measured for distances up to it
+    calibration_windows: int = 2
+    calibration_queries: int = 64  # last tokens of each window whose logits are averaged per distance
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_tokens", "target_tokens", "extra_heights"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"homer {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("suffix_reserve", "calibration_tokens", "calibration_windows", "calibration_queries"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"homer {name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_layers < -1:
+            raise ConfigError(f"homer warmup_layers must be >= 0 (or -1: automatic), got {self.warmup_layers}")
+        if self.calibration_queries >= self.calibration_tokens:
+            raise ConfigError("homer calibration_queries must be fewer than calibration_tokens")
+        if self.state_dtype not in ("bfloat16", "float16", "float32"):
+            raise ConfigError(f"homer state_dtype {self.state_dtype!r}: use bfloat16, float16 or float32")
+
+    def resolve(self, model: ModelConfig) -> HomerConfig:
+        """The automatic values made concrete for `model`, checked against its layers and window."""
+        chunk = self.chunk_tokens or model.max_position // 2
+        warmup = self.warmup_layers if self.warmup_layers >= 0 else round(model.n_layer * 3 / 8)
+        out = dataclasses.replace(self, chunk_tokens=chunk, warmup_layers=warmup,
+                                  target_tokens=self.target_tokens or chunk)
+        if warmup >= model.n_layer:
+            raise ConfigError(f"homer warmup_layers={warmup} leaves none of the model's {model.n_layer} layers to merge in")
+        if chunk > model.max_position:
+            raise ConfigError(f"homer chunk_tokens={chunk} exceeds the model's {model.max_position} positions")
+        if chunk < self.suffix_reserve + 64:
+            raise ConfigError(f"homer chunk_tokens={chunk} leaves no room for context beside the "
+                              f"suffix_reserve of {self.suffix_reserve}")
+        return out
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        return getattr(torch, self.state_dtype)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HomerConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"unknown homer settings: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def state_fields(self) -> dict:
+        """What a document's stored leaves depend on (not the question-time target or calibration)."""
+        return {k: v for k, v in self.to_dict().items() if k in
+                ("chunk_tokens", "warmup_layers", "suffix_reserve", "extra_heights", "state_dtype")}
+
+    def fingerprint(self, checkpoint_hash: str, prompt_layout: str) -> str:
+        ident = {"format": HOMER_FORMAT_VERSION, "checkpoint": checkpoint_hash, "layout": prompt_layout,
+                 **self.state_fields()}
+        return "homer-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which layers a leaf and each merge level run (HOMER's `layers_per_chunk` / `layers_leftover`)."""
+
+    n_layer: int
+    warmup: int
+    height: int
+
+    def __post_init__(self) -> None:
+        if self.per_group < 1:
+            raise ConfigError(f"a merge tree of height {self.height} needs more than the model's "
+                              f"{self.n_layer - self.warmup} layers above the warm-up: use longer chunks")
+
+    @property
+    def per_group(self) -> int:
+        return (self.n_layer - self.warmup) // (self.height + 1)
+
+    @property
+    def leftover(self) -> int:
+        return self.n_layer - self.warmup - self.per_group * (self.height + 1)
+
+    @property
+    def leaf_end(self) -> int:
+        """Leaves run layers [0, leaf_end): the warm-up, the leftover and the first group."""
+        return self.warmup + self.leftover + self.per_group
+
+    def level_layers(self, level: int) -> range:
+        start = self.warmup + self.leftover + self.per_group * level
+        return range(start, start + self.per_group)
+
+
+def tree_height(n_leaves: int) -> int:
+    return max(0, math.ceil(math.log2(max(1, n_leaves))))
+
+
+def pieces(n_tokens: int, max_piece: int) -> tuple[list[tuple[int, int]], int]:
+    """HOMER's chunking of a context of `n_tokens`: ceil(n / max_piece) rounded up to a power of two,
+    equal pieces of ceil(n / count) (empty trailing ones left out). Returns the ranges and the
+    nominal piece size (the suffix sits right after it in every chunk)."""
+    if max_piece < 1:
+        raise ConfigError("homer chunks leave no room for context")
+    count = 2 ** tree_height(math.ceil(max(1, n_tokens) / max_piece))
+    size = max(1, math.ceil(n_tokens / count))
+    return [(s, min(s + size, n_tokens)) for s in range(0, n_tokens, size)], size
+
+
+@dataclass
+class Chunk:
+    """A chunk between layers: hidden states (T, D) at the next layer's input, post-RoPE K/V of every
+    layer it has run (nkv, T, hd), positions (T,), and where each token came from: document index and
+    context-stream token index (-1 for prefix and suffix tokens)."""
+
+    hidden: torch.Tensor
+    pos: torch.Tensor
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    doc: torch.Tensor
+    tok: torch.Tensor
+    prefix: int
+    suffix: int
+
+    @property
+    def length(self) -> int:
+        return int(self.hidden.shape[0])
+
+    def prune(self, keep: torch.Tensor) -> None:
+        """Keeps the tokens where `keep` (T,) is True, in every layer's K/V too."""
+        self.hidden = self.hidden[keep]
+        self.pos, self.doc, self.tok = self.pos[keep], self.doc[keep], self.tok[keep]
+        self.k = [k[:, keep] for k in self.k]
+        self.v = [v[:, keep] for v in self.v]
+
+
+def merge(left: Chunk, right: Chunk) -> Chunk:
+    """Two adjacent chunks as one: prefix and suffix states averaged, contexts concatenated; the
+    prefix positions are the left's, the suffix positions the right's (as HOMER's `Chunk.merge`)."""
+    p, s = left.prefix, left.suffix
+    if (right.prefix, right.suffix) != (p, s) or len(left.k) != len(right.k):
+        raise ValueError("chunks with different affixes or layers cannot be merged")
+
+    def join(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+        n_a, n_b = a.shape[dim], b.shape[dim]
+        return torch.cat([(a.narrow(dim, 0, p) + b.narrow(dim, 0, p)) / 2, a.narrow(dim, p, n_a - p - s),
+                          b.narrow(dim, p, n_b - p - s), (a.narrow(dim, n_a - s, s) + b.narrow(dim, n_b - s, s)) / 2],
+                         dim)
+
+    def concat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a[:p], a[p:a.shape[0] - s], b[p:b.shape[0] - s], b[b.shape[0] - s:]])
+
+    return Chunk(join(left.hidden, right.hidden, 0), concat(left.pos, right.pos),
+                 [join(a, b, 1) for a, b in zip(left.k, right.k, strict=True)],
+                 [join(a, b, 1) for a, b in zip(left.v, right.v, strict=True)],
+                 concat(left.doc, right.doc), concat(left.tok, right.tok), p, s)
+
+
+def significance(q_last: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """q_last (nh, hd) post-RoPE query of the final suffix token, keys (nkv, T, hd) post-RoPE -> (T,):
+    its pre-softmax logit to each token, max over query heads (each KV head's keys serve its group of
+    query heads), minus the calibration bias at the token's distance (bias (D,), clamped at D - 1)."""
+    nh, hd = q_last.shape
+    nkv = keys.shape[0]
+    logits = (q_last.float().reshape(nkv, nh // nkv, hd) @ keys.float().transpose(1, 2)) * hd**-0.5  # (nkv, g, T)
+    sig = logits.amax(dim=(0, 1))
+    if bias is not None and bias.numel():
+        dist = (pos[-1] - pos).clamp(0, bias.numel() - 1)
+        sig = sig - bias.to(sig.device)[dist.to(sig.device)]
+    return sig
+
+
+def keep_mask(sig: torch.Tensor, prefix: int, suffix: int, target: int) -> torch.Tensor:
+    """(T,) True for the tokens kept when a chunk of T is reduced to `target` (or to its affixes when
+    the target is shorter): the least significant context tokens are dropped, never an affix."""
+    t = sig.shape[0]
+    n_drop = min(max(0, t - target), t - prefix - suffix)
+    keep = torch.ones(t, dtype=torch.bool, device=sig.device)
+    if n_drop <= 0:
+        return keep
+    ranked = sig.float().clone()
+    ranked[:prefix] = math.inf
+    ranked[t - suffix:] = math.inf
+    keep[ranked.topk(n_drop, largest=False).indices] = False
+    return keep
+
+
+def run_layers(base, chunk: Chunk, layers: range, target: int, bias: torch.Tensor | None) -> Chunk:
+    """Runs `chunk` through `layers` (causal attention over its own tokens, RoPE at its positions),
+    appending each layer's K/V; at the last layer, reduces it to `target` when longer."""
+    dtype = chunk.hidden.dtype
+    cos, sin = base.rope(chunk.pos, dtype)
+    x = chunk.hidden[None]
+    reduce = chunk.length > target
+    sig: list[torch.Tensor] = []
+    for n, i in enumerate(layers):
+        if i != len(chunk.k):
+            raise ValueError(f"layer {i} after {len(chunk.k)} layers: groups must run in order")
+        last = reduce and n == len(layers) - 1
+
+        def attend(q, k, v, last=last, i=i):
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            chunk.k.append(k[0])
+            chunk.v.append(v[0])
+            if last:
+                sig.append(significance(q[0, :, -1], k[0], chunk.pos, _row(bias, i)))
+            out = base.attn_fn(q, k, v, causal=True)
+            return out.transpose(1, 2).reshape(1, q.shape[2], -1)
+
+        x = base.layers[i](x, None, None, None, attend=attend)
+    chunk.hidden = x[0]
+    if sig:
+        chunk.prune(keep_mask(sig[0], chunk.prefix, chunk.suffix, target))
+    return chunk
+
+
+def _row(bias: torch.Tensor | None, layer: int) -> torch.Tensor | None:
+    return None if bias is None else bias[layer]
+
+
+# A leaf: (leaf reference, the schedule's leaf_end, target length) -> the reduced leaf chunk
+LeafFn = Callable[[object, int, int], Chunk]
+
+
+class Merger:
+    """The depth-first walk of one question's merge tree (HOMER's `_merge`, with its targets)."""
+
+    def __init__(self, base, schedule: Schedule, bias: torch.Tensor | None, leaf: LeafFn,
+                 leaf_lengths: dict, prefix: int, suffix: int, max_piece: int) -> None:
+        self.base, self.schedule, self.bias, self.leaf = base, schedule, bias, leaf
+        self.leaf_lengths = leaf_lengths  # leaf reference -> its chunk length P + piece + S
+        self.prefix, self.suffix, self.max_piece = prefix, suffix, max_piece
+        self.peak_tokens = 0  # most tokens held in chunks at once (depth-first: O(chunk * height))
+        self._held = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.prefix + self.max_piece + self.suffix
+
+    def run(self, refs: list, height: int, target: int) -> Chunk:
+        if len(refs) == 1:
+            chunk = self.leaf(refs[0], self.schedule.leaf_end, target)
+            self._note(chunk.length)
+            return chunk
+        half = len(refs) // 2
+        left, right = refs[:half], refs[half:]
+        if right[0] is None:  # padding: the left subtree alone, reduced to a chunk's length at most
+            l_chunk, r_chunk = self.run(left, height - 1, self.max_len), None
+        else:
+            default = self.prefix + self.max_piece // 2 + self.suffix
+            r_len = self.leaf_lengths[right[0]]
+            if r_len < default:  # a short right chunk leaves its room to the left one
+                r_target, l_target = r_len, self.max_len - (r_len - self.prefix - self.suffix)
+            else:
+                r_target = l_target = default
+            l_chunk = self.run(left, height - 1, l_target)
+            self._held += l_chunk.length
+            r_chunk = self.run(right, height - 1, r_target)
+            self._held -= l_chunk.length
+        merged = l_chunk if r_chunk is None else merge(l_chunk, r_chunk)
+        self._note(merged.length)
+        return run_layers(self.base, merged, self.schedule.level_layers(height), target, self.bias)
+
+    def _note(self, length: int) -> None:
+        self.peak_tokens = max(self.peak_tokens, self._held + length)
