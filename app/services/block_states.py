@@ -44,7 +44,7 @@ class BlockStateService:
                progress: Callable[[str, int, int], None] | None = None) -> int:
         """Attaches each document's state (loaded, or encoded and persisted); returns how many were
         encoded. `progress("actqkv", done, total)` reports execution blocks while encoding."""
-        from model.actqkv import BlockState
+        from model.block_state import BlockState
 
         fingerprint = self.fingerprint(lm)
         encoded = 0
