@@ -76,8 +76,8 @@ def answer(lm, engine, question: str, doc, max_new_tokens: int, full_prefix=None
 def tile_state(state, n_tokens: int):
     """A state of `n_tokens` made by repeating `state`'s blocks (timing only: retrieval, gathers and
     attention cost the same whatever the text, so TTFT against length needs no hour of encoding)."""
-    from model.actqkv import BlockState
     from model.block_kv import StoredKV
+    from model.block_state import BlockState
 
     B = state.config.block_size
     whole = state.length // B * B
@@ -100,7 +100,7 @@ def ttft_vs_length(run: Run, state, lengths: list[int], question: str) -> list[d
     a tensor store as the app reads them (the page cache is warm: the file was just written)."""
     from app.services.engines import ActQKVEngine
     from app.services.documents import DocumentContext, PageSpan
-    from model.actqkv import BlockState
+    from model.block_state import BlockState
     from storage import TensorStore
 
     rows = []

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-from model.actqkv import ActQKVRunner, BlockMemory, BlockState, encode_stream
+from model.actqkv import ActQKVRunner, BlockMemory
+from model.actqkv_encode import encode_stream
 from model.block_retrieval import ActQKVConfig
+from model.block_state import BlockState
 from model.homer import HomerConfig
 from model.config import SharedLLMConfig
 from model.generate import GenerationSettings, PrefixState, TextStream
@@ -125,7 +127,7 @@ class LoadedModel:
         return self.model.encode_tree(token_ids, progress)
 
     def encode_blocks(self, stream_ids: list[int], doc_offset: int, progress: Progress | None = None) -> BlockState:
-        """ActQKV's persisted state of one document stream (model/actqkv.py)."""
+        """ActQKV's persisted state of one document stream (model/actqkv_encode.py, model/block_state.py)."""
         return encode_stream(self.model.base, stream_ids, self.actqkv, doc_offset, progress)
 
     def block_memory(self, states: list[BlockState]) -> BlockMemory:

@@ -59,7 +59,7 @@ class ActQKVStates:
         return lm.encode_blocks(*document_stream(lm, doc), progress)
 
     def from_tensors(self, tensors, lm):
-        from model.actqkv import BlockState
+        from model.block_state import BlockState
 
         return BlockState.from_tensors(tensors, lm.actqkv)
 

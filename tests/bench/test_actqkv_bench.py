@@ -34,7 +34,7 @@ def test_every_depth_gets_its_own_needle_and_the_section_is_written(tmp_path, mo
 
 def test_a_tiled_state_has_the_requested_length_and_consistent_blocks(model_data_dir):
     from bench.actqkv_bench import tile_state
-    from model.actqkv import encode_stream
+    from model.actqkv_encode import encode_stream
     from model.block_retrieval import ActQKVConfig
 
     lm = tiny_loaded_model(model_data_dir)

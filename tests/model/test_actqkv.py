@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from model.actqkv import ActQKVRunner, BlockMemory, BlockState, encode_stream, local_start, representatives
+from model.actqkv import ActQKVRunner, BlockMemory, local_start
+from model.actqkv_encode import encode_stream, representatives
 from model.block_retrieval import (
     ActQKVConfig,
     RunningStats,
@@ -18,6 +19,7 @@ from model.block_retrieval import (
     probe_query,
     top_blocks,
 )
+from model.block_state import BlockState
 from model.config import ConfigError
 from model.generate import GenerationSettings, generate_tokens
 from model.testing import random_ids
