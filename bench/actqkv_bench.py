@@ -1,5 +1,5 @@
-"""`actqkv`: the training-free engine against `full` (with its prompt cache) and `rag` on the same
-documents in one run, from 4K to 128K tokens of real text.
+"""`actqkv` / `homer`: the training-free engines against `full` (with its prompt cache) and `rag` on
+the same documents in one run, from 4K to 128K tokens of real text.
 
 Per length, one haystack (Python's documentation) holds one needle per depth (a "special magic
 number" for a different noun at each depth), each asked separately, so every engine answers the same
@@ -7,6 +7,10 @@ questions about the same document. Measured on that document: ActQKV's encoding 
 bytes per token; per question and engine the answer, TTFT (from a persisted state: ActQKV's block
 K/V, `full`'s prompt prefix, both computed once per document and timed separately) and decode
 tokens/s. `full` reads at most its window (head and tail of longer documents); `rag` its top chunks.
+HOMER (`homer` in the engines): its leaves are encoded once per document (timed), its calibration
+once per run (timed); per question the merge from the stored leaves is timed against recomputing
+the leaves too (what persisting them saves), and every answer's peak RSS (peak GPU memory on CUDA)
+is recorded against document length (HOMER's depth-first merge keeps it logarithmic).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 import time
 from pathlib import Path
 
-from bench.common import document_context, split_pages, text_of_tokens
+from bench.common import document_context, peak_memory, split_pages, text_of_tokens
 from bench.report import Table, plot_lines
 from bench.run import Run
 
@@ -55,22 +59,27 @@ def _prefix_cache(lm, prepared):
 def answer(lm, engine, question: str, doc, max_new_tokens: int, full_prefix=None) -> dict:
     from model import GenerationSettings
 
-    t0 = time.perf_counter()
-    prepared = engine.prepare(lm, question, [doc], [])
-    prompt_ids, prefix = prepared.prompt_ids, prepared.prefix
-    if engine.name == "full" and full_prefix is not None:
-        prefix = full_prefix
-        prompt_ids, _ = lm.prompt_ids(prepared.messages, prepared.cache_prefix)
-    stream = lm.generate(prepared.messages, prepared.memory, GenerationSettings(max_new_tokens=max_new_tokens),
-                         retrieval_s=prepared.retrieval_s, prompt_ids=prompt_ids, prefix=prefix)
-    pieces, ttft = [], None
-    for piece in stream:
-        ttft = ttft if ttft is not None else time.perf_counter() - t0
-        pieces.append(piece)
+    with peak_memory() as memory:
+        t0 = time.perf_counter()
+        prepared = engine.prepare(lm, question, [doc], [])
+        prepare_s = time.perf_counter() - t0
+        prompt_ids, prefix = prepared.prompt_ids, prepared.prefix
+        if engine.name == "full" and full_prefix is not None:
+            prefix = full_prefix
+            prompt_ids, _ = lm.prompt_ids(prepared.messages, prepared.cache_prefix)
+        stream = lm.generate(prepared.messages, prepared.memory, GenerationSettings(max_new_tokens=max_new_tokens),
+                             retrieval_s=prepared.retrieval_s, prompt_ids=prompt_ids, prefix=prefix)
+        pieces, ttft = [], None
+        for piece in stream:
+            ttft = ttft if ttft is not None else time.perf_counter() - t0
+            pieces.append(piece)
     result = stream.result
     return {"answer": "".join(pieces), "ttft_s": ttft if ttft is not None else time.perf_counter() - t0,
-            "decode_tps": result.tokens_per_s, "new_tokens": result.new_tokens,
-            "prompt_tokens": len(prompt_ids) if prompt_ids else result.prompt_tokens}
+            "prepare_s": prepare_s, "decode_tps": result.tokens_per_s, "new_tokens": result.new_tokens,
+            "prompt_tokens": len(prompt_ids) if prompt_ids else result.prompt_tokens,
+            "peak_rss_mb": memory["peak_rss_mb"], "rss_before_mb": memory["rss_before_mb"],
+            **({"peak_gpu_mb": memory["peak_gpu_mb"]} if "peak_gpu_mb" in memory else {}),
+            **{k: v for k, v in prepared.notes.items() if k.startswith("homer_")}}
 
 
 def tile_state(state, n_tokens: int):
@@ -128,13 +137,22 @@ def _acc(rows: list[dict]) -> float | None:
 
 
 def run_actqkv(run: Run, lengths: list[int], depths: list[float], engines: tuple[str, ...],
-               tiled_lengths: list[int] | None = None):
-    from app.services.engines import document_stream, get_engine
+               tiled_lengths: list[int] | None = None, key: str = "actqkv"):
+    from app.services.engines import document_stream, get_engine, homer_stream
     from bench.evalset import contains_match
 
     started = time.perf_counter()
-    section = run.section("actqkv", "ActQKV: needle grid and speed against document length (one run)")
+    titles = {"actqkv": "ActQKV: needle grid and speed against document length (one run)",
+              "homer": "HOMER beside the other engines: needle grid, speed and peak memory against document "
+                       "length (one run)"}
+    section = run.section(key, titles[key])
     lm, rows, speed = run.lm, [], []
+    calibration_s = None
+    if "homer" in engines:
+        t0 = time.perf_counter()
+        lm.homer_bias = lm.calibrate_homer()
+        calibration_s = time.perf_counter() - t0
+        log.info("homer: calibration in %.0f s", calibration_s)
     for n in lengths:
         text, items = needle_document(lm, n, depths)
         doc, _ = document_context(lm, split_pages(text), "haystack", with_tree=False)
@@ -148,6 +166,15 @@ def run_actqkv(run: Run, lengths: list[int], depths: list[float], engines: tuple
             stats["bytes_per_token"] = state.nbytes() / state.length
             doc.extra["actqkv"] = state
             log.info("actqkv: %d tokens encoded in %.0f s (%.0f tokens/s)", tokens, stats["encode_s"], stats["encode_tps"])
+        if "homer" in engines:
+            t0 = time.perf_counter()
+            state = lm.encode_homer(*homer_stream(lm, doc))
+            stats["homer_encode_s"] = time.perf_counter() - t0
+            stats["homer_encode_tps"] = len(state.token_ids) / stats["homer_encode_s"]
+            stats["homer_bytes_per_token"] = state.nbytes() / len(state.token_ids)
+            stats["homer_pieces"] = len(state.ranges)
+            doc.extra["homer"] = state
+            log.info("homer: %d tokens in %d leaves encoded in %.0f s", tokens, len(state.ranges), stats["homer_encode_s"])
         full_prefix = None
         if "full" in engines:
             t0 = time.perf_counter()
@@ -182,7 +209,27 @@ def run_actqkv(run: Run, lengths: list[int], depths: list[float], engines: tuple
                   for e in engines)]
                for s in speed],
               title="speed: encoding once per document, then per question from the persisted state"),
+        Table(["length", "doc tokens", *(f"{e} peak RSS MB" for e in engines)],
+              [[s["length"], s["tokens"],
+                *(_mean([r["peak_rss_mb"] for r in rows if r["length"] == s["length"] and r["engine"] == e])
+                  for e in engines)] for s in speed],
+              title="peak resident memory of the process while answering (mean over the questions; the model's "
+                    "weights and the loaded state included)"),
     ]
+    if "homer" in engines:
+        section.tables.append(Table(
+            ["length", "doc tokens", "leaves", "encode tokens/s", "stored bytes/token", "merge s (stored leaves)",
+             "merge s recomputing the leaves", "saved", "cache tokens", "peak GPU MB"],
+            [[s["length"], s["tokens"], s["homer_pieces"], s["homer_encode_tps"], s["homer_bytes_per_token"],
+              merge := _mean([r["prepare_s"] for r in rows if r["length"] == s["length"] and r["engine"] == "homer"]),
+              s["homer_encode_s"] + merge if merge is not None else None,
+              1 - merge / (s["homer_encode_s"] + merge) if merge else None,
+              _mean([r.get("homer_cache_tokens", 0) for r in rows if r["length"] == s["length"] and r["engine"] == "homer"]),
+              _mean([r["peak_gpu_mb"] for r in rows if r["length"] == s["length"] and r["engine"] == "homer"
+                     and "peak_gpu_mb" in r])]
+             for s in speed],
+            title="homer per question: the merge from the stored leaves against recomputing them as well "
+                  f"(calibration once per model: {calibration_s:.0f} s)"))
     if tiled_lengths and "actqkv" in engines:
         text, items = needle_document(lm, min(lengths), depths[:1])
         doc, _ = document_context(lm, split_pages(text), "haystack", with_tree=False)
@@ -196,15 +243,17 @@ def run_actqkv(run: Run, lengths: list[int], depths: list[float], engines: tuple
             title=f"actqkv TTFT against document length: a real {min(lengths)}-token state tiled to each length "
                   "(timing only), saved and memory-mapped as the app reads it"))
     xs = lengths
-    for name, title, ylabel, key in (("actqkv-needle", "needle accuracy vs document length", "accuracy", "correct"),
-                                     ("actqkv-ttft", "TTFT vs document length (persisted state)", "seconds", "ttft_s")):
-        series = {e: (xs, [_mean([float(r[key]) for r in rows if r["length"] == n and r["engine"] == e]) for n in xs])
+    for name, title, ylabel, field in (("needle", "needle accuracy vs document length", "accuracy", "correct"),
+                                       ("ttft", "TTFT vs document length (persisted state)", "seconds", "ttft_s"),
+                                       ("memory", "peak RSS while answering vs document length", "MB", "peak_rss_mb")):
+        series = {e: (xs, [_mean([float(r[field]) for r in rows if r["length"] == n and r["engine"] == e]) for n in xs])
                   for e in engines}
-        path = plot_lines(run.figure(name), title, "document tokens", ylabel, series, run.machine, run.command,
-                          section.weights, logx=True)
+        path = plot_lines(run.figure(f"{key}-{name}"), title, "document tokens", ylabel, series, run.machine,
+                          run.command, section.weights, logx=True)
         section.figures.append(run.rel(path))
-    cfg = lm.actqkv
-    section.notes.append(f"actqkv settings: {cfg.to_dict()}; greedy answers of at most {run.max_new_tokens} tokens; "
+    settings = {e: getattr(lm, e).to_dict() if e == "actqkv" else lm.homer_config().to_dict()
+                for e in engines if e in ("actqkv", "homer")}
+    section.notes.append(f"settings: {settings}; greedy answers of at most {run.max_new_tokens} tokens; "
                          f"`full` reads head + tail when the document exceeds its window.")
     section.raw = {"needle": rows, "speed": speed, **({"tiled": section.raw["tiled"]} if "tiled" in section.raw else {})}
     return run.write(section, started)

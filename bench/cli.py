@@ -7,6 +7,7 @@
     python -m bench base    [--models qwen2.5-0.5b,smollm2]      # reading, decoder vs HF, full's prompt cache
     python -m bench decode  [--lengths 4096,16384]               # KV-cache layout / decode attention, before vs now
     python -m bench actqkv  [--lengths 4k,16k,32k,64k,128k]      # needle grid + speed vs length: actqkv, full, rag
+    python -m bench homer   [--lengths 4k,16k,32k,64k]           # the same grid with homer; peak memory vs length
     python -m bench smoke                                        # all of the above, tiny model, seconds
     python -m bench all                                          # speed, model, ingest, quality
 
@@ -30,7 +31,7 @@ log = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = ("speed", "model", "ingest", "quality")
 DEFAULT_ENGINES = "sharedllm,full,rag"
-EXTRA_BENCHMARKS = ("base", "decode", "actqkv")  # not part of `all`: long (base loads every bundled model)
+EXTRA_BENCHMARKS = ("base", "decode", "actqkv", "homer")  # not part of `all`: long (base loads every bundled model)
 
 
 def _ints(text: str) -> list[int]:
@@ -179,6 +180,13 @@ def run_benchmarks(args: argparse.Namespace, command: str) -> list:
                 run, args.lengths or ([300] if smoke else [4096, 16384, 32768, 65536, 131072]),
                 args.depths or ([0.5] if smoke else [0.1, 0.5, 0.9]), compared,
                 args.tiled_lengths or ([600, 2400] if smoke else [4096, 16384, 32768, 65536, 131072])))
+        elif name == "homer":
+            from bench import actqkv_bench
+
+            compared = ("homer", "actqkv", "full", "rag") if args.engines == DEFAULT_ENGINES else engines
+            sections.append(actqkv_bench.run_actqkv(
+                run, args.lengths or ([300] if smoke else [4096, 16384, 32768, 65536]),
+                args.depths or ([0.5] if smoke else [0.1, 0.5, 0.9]), compared, None, key="homer"))
         elif name == "decode":
             from bench import decode_layout
 

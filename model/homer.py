@@ -56,12 +56,18 @@ class HomerConfig:
     # documents asked together): the leaf's top hidden state is stored for each such height
     extra_heights: int = 2
     state_dtype: str = "bfloat16"  # persisted leaf K/V and hidden states: bfloat16, float16 or float32
+    # a context token ranks by the best significance within this many tokens of it (0: its own, as
+    # HOMER): keeps a salient token's neighbours, e.g. the other digits of a number
+    keep_window: int = 0
+    # whose attention logits rank the context: "last" (the final suffix token, HOMER) or "suffix" (the
+    # best over every suffix token: the question's own words, e.g. the noun asked about)
+    significance_query: str = "last"
     calibration_tokens: int = 4096  # calibration window: biases measured for distances up to it
     calibration_windows: int = 2
     calibration_queries: int = 64  # last tokens of each window whose logits are averaged per distance
 
     def __post_init__(self) -> None:
-        for name in ("chunk_tokens", "target_tokens", "extra_heights"):
+        for name in ("chunk_tokens", "target_tokens", "extra_heights", "keep_window"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"homer {name} must be >= 0, got {getattr(self, name)}")
         for name in ("suffix_reserve", "calibration_tokens", "calibration_windows", "calibration_queries"):
@@ -71,6 +77,8 @@ class HomerConfig:
             raise ConfigError(f"homer warmup_layers must be >= 0 (or -1: automatic), got {self.warmup_layers}")
         if self.calibration_queries >= self.calibration_tokens:
             raise ConfigError("homer calibration_queries must be fewer than calibration_tokens")
+        if self.significance_query not in ("last", "suffix"):
+            raise ConfigError(f"homer significance_query {self.significance_query!r}: use last or suffix")
         if self.state_dtype not in ("bfloat16", "float16", "float32"):
             raise ConfigError(f"homer state_dtype {self.state_dtype!r}: use bfloat16, float16 or float32")
 
@@ -212,37 +220,48 @@ def merge(left: Chunk, right: Chunk) -> Chunk:
 
 def significance(q_last: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
-    """q_last (nh, hd) post-RoPE query of the final suffix token, keys (nkv, T, hd) post-RoPE -> (T,):
-    its pre-softmax logit to each token, max over query heads (each KV head's keys serve its group of
-    query heads), minus the calibration bias at the token's distance (bias (D,), clamped at D - 1)."""
-    nh, hd = q_last.shape
+    """q_last (nh, hd) post-RoPE query of the final suffix token (or (nh, Q, hd): several suffix
+    tokens' queries), keys (nkv, T, hd) post-RoPE -> (T,): the pre-softmax logit to each token, max
+    over query heads (each KV head's keys serve its group of query heads) and queries, minus the
+    calibration bias at the token's distance from the last position (bias (D,), clamped at D - 1)."""
+    q = q_last[:, None] if q_last.dim() == 2 else q_last
+    nh, n_q, hd = q.shape
     nkv = keys.shape[0]
-    logits = (q_last.float().reshape(nkv, nh // nkv, hd) @ keys.float().transpose(1, 2)) * hd**-0.5  # (nkv, g, T)
-    sig = logits.amax(dim=(0, 1))
+    logits = (q.float().reshape(nkv, nh // nkv * n_q, hd) @ keys.float().transpose(1, 2)) * hd**-0.5
+    sig = logits.amax(dim=(0, 1))  # (T,)
     if bias is not None and bias.numel():
         dist = (pos[-1] - pos).clamp(0, bias.numel() - 1)
         sig = sig - bias.to(sig.device)[dist.to(sig.device)]
     return sig
 
 
-def keep_mask(sig: torch.Tensor, prefix: int, suffix: int, target: int) -> torch.Tensor:
+def keep_mask(sig: torch.Tensor, prefix: int, suffix: int, target: int, window: int = 0) -> torch.Tensor:
     """(T,) True for the tokens kept when a chunk of T is reduced to `target` (or to its affixes when
-    the target is shorter): the least significant context tokens are dropped, never an affix."""
+    the target is shorter): the least significant context tokens are dropped, never an affix. With
+    `window` > 0 a token ranks by the best significance within `window` tokens of it (so the digits
+    of a number or the words of a name around a salient token stay together)."""
     t = sig.shape[0]
     n_drop = min(max(0, t - target), t - prefix - suffix)
     keep = torch.ones(t, dtype=torch.bool, device=sig.device)
     if n_drop <= 0:
         return keep
     ranked = sig.float().clone()
+    if window > 0:
+        ctx = ranked[prefix:t - suffix][None, None]
+        pooled = torch.nn.functional.max_pool1d(ctx, 2 * window + 1, stride=1, padding=window)[0, 0]
+        # ties inside a pooled span are broken by the token's own significance
+        ranked[prefix:t - suffix] = pooled + 1e-3 * torch.tanh(ranked[prefix:t - suffix])
     ranked[:prefix] = math.inf
     ranked[t - suffix:] = math.inf
     keep[ranked.topk(n_drop, largest=False).indices] = False
     return keep
 
 
-def run_layers(base, chunk: Chunk, layers: range, target: int, bias: torch.Tensor | None) -> Chunk:
+def run_layers(base, chunk: Chunk, layers: range, target: int, bias: torch.Tensor | None, window: int = 0,
+               n_queries: int = 1) -> Chunk:
     """Runs `chunk` through `layers` (causal attention over its own tokens, RoPE at its positions),
-    appending each layer's K/V; at the last layer, reduces it to `target` when longer."""
+    appending each layer's K/V; at the last layer, reduces it to `target` when longer (ranked by the
+    last `n_queries` tokens' queries)."""
     dtype = chunk.hidden.dtype
     cos, sin = base.rope(chunk.pos, dtype)
     x = chunk.hidden[None]
@@ -258,14 +277,14 @@ def run_layers(base, chunk: Chunk, layers: range, target: int, bias: torch.Tenso
             chunk.k.append(k[0])
             chunk.v.append(v[0])
             if last:
-                sig.append(significance(q[0, :, -1], k[0], chunk.pos, _row(bias, i)))
+                sig.append(significance(q[0, :, -n_queries:], k[0], chunk.pos, _row(bias, i)))
             out = base.attn_fn(q, k, v, causal=True)
             return out.transpose(1, 2).reshape(1, q.shape[2], -1)
 
         x = base.layers[i](x, None, None, None, attend=attend)
     chunk.hidden = x[0]
     if sig:
-        chunk.prune(keep_mask(sig[0], chunk.prefix, chunk.suffix, target))
+        chunk.prune(keep_mask(sig[0], chunk.prefix, chunk.suffix, target, window))
     return chunk
 
 
@@ -281,8 +300,10 @@ class Merger:
     """The depth-first walk of one question's merge tree (HOMER's `_merge`, with its targets)."""
 
     def __init__(self, base, schedule: Schedule, bias: torch.Tensor | None, leaf: LeafFn,
-                 leaf_lengths: dict, prefix: int, suffix: int, max_piece: int) -> None:
-        self.base, self.schedule, self.bias, self.leaf = base, schedule, bias, leaf
+                 leaf_lengths: dict, prefix: int, suffix: int, max_piece: int, window: int = 0,
+                 n_queries: int = 1) -> None:
+        self.base, self.schedule, self.bias, self.leaf, self.window = base, schedule, bias, leaf, window
+        self.n_queries = n_queries
         self.leaf_lengths = leaf_lengths  # leaf reference -> its chunk length P + piece + S
         self.prefix, self.suffix, self.max_piece = prefix, suffix, max_piece
         self.peak_tokens = 0  # most tokens held in chunks at once (depth-first: O(chunk * height))
@@ -314,7 +335,8 @@ class Merger:
             self._held -= l_chunk.length
         merged = l_chunk if r_chunk is None else merge(l_chunk, r_chunk)
         self._note(merged.length)
-        return run_layers(self.base, merged, self.schedule.level_layers(height), target, self.bias)
+        return run_layers(self.base, merged, self.schedule.level_layers(height), target, self.bias, self.window,
+                          self.n_queries)
 
     def _note(self, length: int) -> None:
         self.peak_tokens = max(self.peak_tokens, self._held + length)

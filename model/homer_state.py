@@ -22,6 +22,7 @@ import torch
 
 from model.decoder import KVCache
 from model.generate import PrefixState
+from model.config import ConfigError
 from model.homer import Chunk, HomerConfig, Merger, Schedule, keep_mask, pieces, significance, tree_height
 from model.rope import apply_rope
 
@@ -95,9 +96,19 @@ def leaf_ends(cfg: HomerConfig, n_layer: int, height: int) -> list[int]:
     for h in range(height, height + cfg.extra_heights + 1):
         try:
             ends.add(Schedule(n_layer, cfg.warmup_layers, h).leaf_end)
-        except Exception:  # taller trees than the layers allow: nothing more to store
+        except ConfigError:  # taller trees than the layers allow: nothing more to store
             break
     return sorted(ends)
+
+
+def check_height(cfg: HomerConfig, n_layer: int, height: int, n_tokens: int) -> None:
+    """A clear error when the input needs a taller tree than the model's layers can merge."""
+    try:
+        Schedule(n_layer, cfg.warmup_layers, height)
+    except ConfigError:
+        raise ConfigError(f"{n_tokens} tokens need {2**height} HOMER chunks of {cfg.chunk_tokens} tokens, more "
+                          f"than {n_layer - cfg.warmup_layers} merging layers can merge: set a larger "
+                          f"chunk_tokens or fewer warmup_layers (SHAREDLLM_HOMER)") from None
 
 
 def max_piece(cfg: HomerConfig, prefix_len: int) -> int:
@@ -111,6 +122,7 @@ def encode_document(base, cfg: HomerConfig, prefix_ids: list[int], token_ids: li
     (default: the document's own heights) names the leaf ends whose hidden states are kept."""
     n_layer = base.config.n_layer
     ranges, piece = pieces(len(token_ids), max_piece(cfg, len(prefix_ids)))
+    check_height(cfg, n_layer, tree_height(len(ranges)), len(token_ids))
     ends = ends or leaf_ends(cfg, n_layer, tree_height(len(ranges)))
     top = max(ends)
     device = base.embed_tokens.weight.device
@@ -154,7 +166,7 @@ def _run_leaf_layers(base, ids: torch.Tensor, start: int, top: int, ends: list[i
 
 
 def leaf_chunk(base, state: HomerState, j: int, d: int, suffix_ids: list[int], leaf_end: int, target: int,
-               bias: torch.Tensor | None) -> Chunk:
+               bias: torch.Tensor | None, window: int = 0, n_queries: int = 1) -> Chunk:
     """Piece j of document d as a reduced leaf: the suffix runs layers [0, leaf_end) reading the
     stored prefix and piece K/V; the reduction at the last leaf layer (when the chunk is longer than
     `target`) drops context tokens from every leaf layer."""
@@ -178,7 +190,7 @@ def leaf_chunk(base, state: HomerState, j: int, d: int, suffix_ids: list[int], l
             ks.append(keys)
             vs.append(values)
             if reduce and i == leaf_end - 1:
-                sig.append(significance(q[0, :, -1], keys, pos, None if bias is None else bias[i]))
+                sig.append(significance(q[0, :, -n_queries:], keys, pos, None if bias is None else bias[i]))
             out = base.attn_fn(q, keys[None], values[None], causal=True)
             return out.transpose(1, 2).reshape(1, q.shape[2], -1)
 
@@ -190,7 +202,7 @@ def leaf_chunk(base, state: HomerState, j: int, d: int, suffix_ids: list[int], l
                   torch.cat([affix, torch.full((n,), d, dtype=torch.long, device=device), tail]),
                   torch.cat([affix, torch.arange(start, end, device=device), tail]), p, s)
     if sig:
-        chunk.prune(keep_mask(sig[0], p, s, target))
+        chunk.prune(keep_mask(sig[0], p, s, target, window))
     return chunk
 
 
@@ -224,6 +236,7 @@ def answer_prefix(base, cfg: HomerConfig, states: list[HomerState], suffix_ids: 
     p, s = len(prefix_ids), len(suffix_ids)
     refs = [(d, j) for d, st in enumerate(states) for j in range(len(st.ranges))]
     height = tree_height(len(refs))
+    check_height(cfg, base.config.n_layer, height, sum(len(st.token_ids) for st in states))
     schedule = Schedule(base.config.n_layer, cfg.warmup_layers, height)
     fresh: dict[int, HomerState] = {}
 
@@ -234,11 +247,12 @@ def answer_prefix(base, cfg: HomerConfig, states: list[HomerState], suffix_ids: 
             if d not in fresh:
                 fresh[d] = encode_document(base, cfg, prefix_ids, st.token_ids, st.doc_offset, ends=[leaf_end])
             st = fresh[d]
-        return leaf_chunk(base, st, j, d, suffix_ids, leaf_end, target, bias)
+        return leaf_chunk(base, st, j, d, suffix_ids, leaf_end, target, bias, cfg.keep_window, n_queries)
 
     lengths = {(d, j): p + (e - b) + s for d, st in enumerate(states) for j, (b, e) in enumerate(st.ranges)}
     total = p + sum(len(st.token_ids) for st in states) + s
-    merger = Merger(base, schedule, bias, leaf, lengths, p, s, max_piece(cfg, p))
+    n_queries = s if cfg.significance_query == "suffix" else 1
+    merger = Merger(base, schedule, bias, leaf, lengths, p, s, max_piece(cfg, p), cfg.keep_window, n_queries)
     padded = refs + [None] * (2**height - len(refs))
     chunk = merger.run(padded, height, min(cfg.target_tokens, total))
     if len(chunk.k) != base.config.n_layer:

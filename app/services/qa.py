@@ -21,6 +21,7 @@ from app.services.conversations import owned_conversation, title_from_question
 from app.services.documents import DocumentService
 from app.services.engines import get_engine
 from app.services.errors import BadRequest
+from model.config import ConfigError as ModelConfigError
 from app.services.language_model import LanguageModel
 from app.services.prompt_cache import PromptCacheService
 from storage import Conversation, Message
@@ -160,9 +161,12 @@ class QAService:
         yield asked
 
         kind = getattr(impl, "state_kind", None)  # optional member: engines with per-document state
-        if kind and self._states is not None:
-            self._states.ensure(kind, lm, docs, progress)  # built and persisted on first use
-        prepared = impl.prepare(lm, question, docs, history)
+        try:
+            if kind and self._states is not None:
+                self._states.ensure(kind, lm, docs, progress)  # built and persisted on first use
+            prepared = impl.prepare(lm, question, docs, history)
+        except ModelConfigError as exc:  # e.g. documents beyond what the engine's settings can read
+            raise BadRequest(f"{engine} cannot read these documents: {exc}") from None
         if impl.needs_tree and not lm.weights_trained:
             prepared.notes["warning"] = UNTRAINED_WARNING
             logger.warning(UNTRAINED_WARNING)

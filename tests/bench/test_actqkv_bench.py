@@ -47,3 +47,23 @@ def test_a_tiled_state_has_the_requested_length_and_consistent_blocks(model_data
     assert all(r.shape[0] == 63 for r in big.reprs)
     import torch
     assert torch.equal(big.k[0].read(192, 208), state.k[0].read(0, 16))  # block 12 repeats block 0
+
+
+def test_the_homer_section_times_the_merge_against_recomputing_and_records_peak_memory(tmp_path, model_data_dir):
+    import dataclasses
+
+    from model.homer import HomerConfig
+
+    lm = dataclasses.replace(tiny_loaded_model(model_data_dir), homer=HomerConfig(
+        chunk_tokens=256, warmup_layers=0, suffix_reserve=64, calibration_tokens=128, calibration_windows=1,
+        calibration_queries=8))
+    md = tmp_path / "benchmarks.md"
+    run = Run(lm=lm, command="test", md_path=md, img_dir=tmp_path / "img", raw_dir=tmp_path / "raw", max_new_tokens=3)
+    run_actqkv(run, [600], [0.5], ("homer", "rag"), None, key="homer")
+    written = md.read_text()
+    assert "merge s recomputing the leaves" in written and "homer peak RSS MB" in written
+    raw = json.loads((tmp_path / "raw" / "homer.json").read_text())["raw"]
+    [speed] = raw["speed"]
+    assert speed["homer_pieces"] > 1 and speed["homer_bytes_per_token"] > 0
+    [row] = [r for r in raw["needle"] if r["engine"] == "homer"]
+    assert row["peak_rss_mb"] > 0 and row["homer_input_tokens"] > row["homer_cache_tokens"] > 0

@@ -1,0 +1,129 @@
+"""`homer` through the QA service: its calibration computed once per model and stored, each
+document's leaves built on first use and persisted, reused by later questions, several documents
+merged in one tree, the state removed with its document, built at ingestion when it is the server's
+engine, and answers cited to the document's pages."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from sqlalchemy import select
+
+from app.config import Settings
+from app.services.context import AppContext
+from app.services.qa import Answer, AnswerSettings
+from model.homer import HomerConfig
+from storage import ContextTreeRecord
+
+SETTINGS = AnswerSettings(max_new_tokens=8)
+PAGES = [
+    f"Page {n}. Clause {n}: the supplier delivers lot {n} of {40 + n} units to the buyer's warehouse "
+    f"in Ghent within {n + 3} business days; late delivery costs {n * 15} euros a day. " * 5
+    for n in range(1, 5)
+]
+# short chunks, so these pages are cut into several leaves and merged; a small calibration
+SMALL = HomerConfig(chunk_tokens=512, warmup_layers=0, suffix_reserve=64, calibration_tokens=256,
+                    calibration_windows=1, calibration_queries=16)
+
+
+@pytest.fixture
+def small_ctx(settings, tiny_model):
+    context = AppContext(settings, model=dataclasses.replace(tiny_model, homer=SMALL))
+    yield context
+    context.close()
+
+
+def ask(ctx, owner, question, docs, conversation=None):
+    items = list(ctx.qa.answer(owner, question, docs, conversation, "homer", SETTINGS))
+    assert isinstance(items[-1], Answer)
+    return items[-1]
+
+
+def state_rows(ctx):
+    with ctx.sessions() as s:
+        rows = s.scalars(select(ContextTreeRecord)).all()
+        return [(r.document_id, r.path, r.sha256) for r in rows if r.fingerprint.startswith("homer-")]
+
+
+def test_leaves_and_calibration_are_built_once_and_answers_cite_pages(small_ctx, two_users, make_doc, monkeypatch):
+    ctx = small_ctx
+    alice, _ = two_users
+    doc = make_doc(alice.id, pages=PAGES)
+    lm = ctx.model()
+    calls = {"encode": 0, "calibrate": 0}
+    encode, calibrate = lm.encode_homer, lm.calibrate_homer
+
+    def counted(name, fn):
+        return lambda self, *a, **k: (calls.__setitem__(name, calls[name] + 1), fn(*a, **k))[1]
+
+    monkeypatch.setattr(type(lm), "encode_homer", counted("encode", encode))
+    monkeypatch.setattr(type(lm), "calibrate_homer", counted("calibrate", calibrate))
+    stages = []
+    first = list(ctx.qa.answer(alice.id, "How many units are in lot 2?", [doc], None, "homer", SETTINGS,
+                               progress=lambda stage, done, total: stages.append(stage)))[-1]
+    assert calls == {"encode": 1, "calibrate": 1} and {"calibration", "homer"} <= set(stages)
+    assert first.engine == "homer" and first.timings["new_tokens"] >= 1
+    assert first.notes["homer_input_tokens"] > SMALL.chunk_tokens >= first.notes["homer_cache_tokens"]
+    [(owner_doc, path, sha)] = state_rows(ctx)
+    assert owner_doc == doc
+    ctx.tensors.verify(path, sha)
+    follow = ask(ctx, alice.id, "And the late fee of lot 3?", [], first.conversation)
+    assert calls == {"encode": 1, "calibrate": 1} and state_rows(ctx) == [(doc, path, sha)]  # loaded
+    assert follow.timings["cached_prompt_tokens"] > 0  # the merged cache
+    for c in first.citations + follow.citations:
+        assert c["document"] == doc and 1 <= c["page"] <= len(PAGES) and c["text"]
+    assert first.citations
+    again = ask(ctx, alice.id, "How many units are in lot 2?", [doc])
+    assert again.answer == first.answer  # the same question on the loaded leaves: the same tokens
+    # a new process (another context on the same data dir) loads the stored calibration
+    lm.homer_bias = None
+    second = AppContext(ctx.settings, model=lm)
+    ask(second, alice.id, "How many units are in lot 2?", [doc])
+    assert calls == {"encode": 1, "calibrate": 1}
+    second.close()
+
+
+def test_several_documents_are_merged_together_and_states_go_with_their_document(small_ctx, two_users, make_doc):
+    ctx = small_ctx
+    alice, bob = two_users
+    a = make_doc(alice.id, name="a.pdf", pages=PAGES)
+    b = make_doc(alice.id, name="b.pdf", pages=PAGES[::-1])
+    both = ask(ctx, alice.id, "Which lot is delivered fastest?", [a, b])
+    assert {d for d, _, _ in state_rows(ctx)} == {a, b}
+    assert {c["document"] for c in both.citations} <= {a, b}
+    from app.services.errors import NotFound
+
+    with pytest.raises(NotFound):  # another user's document is not readable through this engine either
+        ask(ctx, bob.id, "Which lot?", [a])
+    [(_, path, _)] = [r for r in state_rows(ctx) if r[0] == a]
+    ctx.documents.delete(alice.id, a)
+    assert [r[0] for r in state_rows(ctx)] == [b] and not ctx.tensors.absolute(path).exists()
+
+
+def test_ingestion_builds_the_leaves_when_homer_is_the_servers_engine(tiny_model, tmp_path):
+    from app_testkit import write_pdf
+
+    lm = dataclasses.replace(tiny_model, homer=SMALL)
+    ctx = AppContext(Settings.load({"data_dir": tmp_path / "d", "engine": "homer"}, environ={}), model=lm)
+    owner = ctx.auth.local_user().id
+    stages = []
+    info = ctx.ingestion.ingest_path(owner, write_pdf(tmp_path / "lots.pdf", PAGES),
+                                     progress=lambda stage, done, total: stages.append((stage, done, total)))
+    assert info["status"] == "ready"
+    encoding = [s for s in stages if s[0] == "homer"]
+    assert encoding and encoding[-1][1] == encoding[-1][2] > 1  # per piece, to the end
+    assert [r[0] for r in state_rows(ctx)] == [info["id"]]
+    assert ctx.qa.warm_engine_state(owner, info["id"], "homer") == 0  # already stored
+    ctx.close()
+
+
+def test_homer_settings_are_validated_and_reach_the_engine():
+    from app.config import ConfigError
+
+    settings = Settings.load({}, environ={"SHAREDLLM_HOMER": '{"chunk_tokens": 8192, "warmup_layers": 6}'})
+    assert settings.homer_config() == HomerConfig(chunk_tokens=8192, warmup_layers=6)
+    for bad in ('{"state_dtype": "int4"}', '{"nope": 1}', "[1]", "not json"):
+        with pytest.raises(ConfigError, match="SHAREDLLM_HOMER"):
+            Settings.load({}, environ={"SHAREDLLM_HOMER": bad})
+    assert Settings.load({}, environ={}).homer_config() == HomerConfig()
