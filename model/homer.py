@@ -57,8 +57,10 @@ class HomerConfig:
     extra_heights: int = 2
     state_dtype: str = "bfloat16"  # persisted leaf K/V and hidden states: bfloat16, float16 or float32
     # a context token ranks by the best significance within this many tokens of it (0: its own, as
-    # HOMER): keeps a salient token's neighbours, e.g. the other digits of a number
-    keep_window: int = 0
+    # HOMER): keeps a salient token's neighbours, e.g. the other digits of a number. Measured on an 8K
+    # needle document in 4 leaves (docs/benchmarks.md, "homer-dev"): 0 kept 5/7 and 2/7 of two needles'
+    # digits (1/3 answered), 2 and 6 kept every digit (2/3)
+    keep_window: int = 4
     # whose attention logits rank the context: "last" (the final suffix token, HOMER) or "suffix" (the
     # best over every suffix token: the question's own words, e.g. the noun asked about)
     significance_query: str = "last"

@@ -127,3 +127,17 @@ def test_homer_settings_are_validated_and_reach_the_engine():
         with pytest.raises(ConfigError, match="SHAREDLLM_HOMER"):
             Settings.load({}, environ={"SHAREDLLM_HOMER": bad})
     assert Settings.load({}, environ={}).homer_config() == HomerConfig()
+
+
+def test_a_document_beyond_what_the_layers_can_merge_is_refused_clearly(settings, tiny_model, two_users, make_doc):
+    from app.services.errors import BadRequest
+
+    # 4 layers, 2 of them warm-up: trees of height 1 at most, so 2 leaves of 512 tokens
+    lm = dataclasses.replace(tiny_model, homer=dataclasses.replace(SMALL, warmup_layers=2))
+    ctx = AppContext(settings, model=lm)
+    alice, _ = two_users
+    doc = make_doc(alice.id, pages=PAGES * 3)
+    with pytest.raises(BadRequest, match="chunk_tokens"):
+        ask(ctx, alice.id, "How many units are in lot 2?", [doc])
+    assert state_rows(ctx) == []  # nothing half-written
+    ctx.close()
