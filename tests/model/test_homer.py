@@ -65,6 +65,17 @@ def test_the_reduction_keeps_exactly_the_target_and_never_an_affix():
     assert keep_mask(sig, 2, 2, target=20).all()
 
 
+def test_a_keep_window_keeps_a_salient_tokens_neighbours_and_the_exact_count():
+    sig = torch.zeros(12)
+    sig[6] = 5.0  # one salient context token between low ones; 1 prefix, 1 suffix token
+    sig[1:5] = torch.tensor([1.0, 0.9, 0.8, 0.7])
+    own = keep_mask(sig, prefix=1, suffix=1, target=5)
+    pooled = keep_mask(sig, prefix=1, suffix=1, target=5, window=1)
+    assert own[1] and own[2] and own[6] and not own[5] and not own[7]  # HOMER: each token its own score
+    assert pooled[5] and pooled[6] and pooled[7]  # the salient token's neighbours come with it
+    assert int(own.sum()) == int(pooled.sum()) == 5 and pooled[0] and pooled[-1]
+
+
 def test_significance_is_the_max_over_query_heads_with_keys_shared_by_gqa_groups():
     torch.manual_seed(0)
     nh, nkv, hd, t = 4, 2, 8, 12

@@ -1,0 +1,73 @@
+"""HOMER's development probe: one needle document, several knob settings, and for each question
+whether the needle's digits and its sentence survived the reductions (not only the answer).
+
+    python -m bench.homer_dev --data-dir build/test-data --length 8192 --chunk 3072 \\
+        --variants '[{"keep_window": 0}, {"keep_window": 2}]'
+
+Each variant is a dict of `HomerConfig` fields (plus `"bias": false` to switch the calibration off);
+the document's leaves are encoded once and shared (the variants change question-time knobs only).
+Prints one line per (variant, question); the figures in docs/benchmarks.md, *homer-dev*, come from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+
+def _find(ids: list[int], sub: list[int]) -> int:
+    for i in range(len(ids) - len(sub) + 1):
+        if ids[i:i + len(sub)] == sub:
+            return i
+    return -1
+
+
+def main(argv: list[str] | None = None) -> None:
+    from app.services.engines import get_engine, homer_stream
+    from bench.actqkv_bench import needle_document
+    from bench.common import document_context, split_pages
+    from bench.evalset import contains_match
+    from model import GenerationSettings, load_model
+    from model.homer import HomerConfig
+
+    parser = argparse.ArgumentParser(prog="python -m bench.homer_dev")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--chunk", type=int, default=3072)
+    parser.add_argument("--depths", default="0.1,0.5,0.9")
+    parser.add_argument("--variants", default='[{}]')
+    args = parser.parse_args(argv)
+    lm = load_model(None, data_dir=args.data_dir)
+    lm.homer = HomerConfig(chunk_tokens=args.chunk)
+    bias = lm.calibrate_homer()
+    text, items = needle_document(lm, args.length, [float(d) for d in args.depths.split(",")])
+    doc, _ = document_context(lm, split_pages(text), "haystack", with_tree=False)
+    state = lm.encode_homer(*homer_stream(lm, doc))
+    doc.extra["homer"] = state
+    print(f"{len(state.token_ids)} tokens in {len(state.ranges)} leaves of {state.piece}", flush=True)
+    engine = get_engine("homer")
+    for variant in json.loads(args.variants):
+        lm.homer = HomerConfig(chunk_tokens=args.chunk, **{k: v for k, v in variant.items() if k != "bias"})
+        lm.homer_bias = bias if variant.get("bias", True) else torch.zeros(lm.model.base.config.n_layer, 1)
+        right = 0
+        for item in items:
+            digits = lm.tokenize(item.answer)
+            at = _find(state.token_ids, digits)
+            prepared = engine.prepare(lm, item.question, [doc], [])
+            kept = set(prepared.memory.tok[prepared.memory.doc >= 0].tolist())
+            sentence = range(max(0, at - 25), at + len(digits))
+            stream = lm.generate(prepared.messages, prepared.memory, GenerationSettings(max_new_tokens=24),
+                                 prompt_ids=prepared.prompt_ids, prefix=prepared.prefix)
+            answer = "".join(stream)
+            ok = bool(contains_match(answer, item.answer))
+            right += ok
+            print(f"{variant} depth {item.depth}: digits kept {sum(i in kept for i in range(at, at + len(digits)))}"
+                  f"/{len(digits)}, needle sentence kept {sum(i in kept for i in sentence)}/{len(sentence)}, "
+                  f"{'right' if ok else 'wrong'}: {answer[-16:]!r}", flush=True)
+        print(f"{variant}: {right}/{len(items)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
