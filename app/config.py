@@ -146,32 +146,14 @@ class Settings:
     def actqkv_config(self) -> Any:
         """The ActQKV configuration these settings ask for (defaults when `actqkv` is unset)."""
         from model.block_retrieval import ActQKVConfig
-        from model.config import ConfigError as ModelConfigError
 
-        if not self.actqkv:
-            return ActQKVConfig()
-        try:
-            values = json.loads(self.actqkv)
-            if not isinstance(values, dict):
-                raise ValueError("not a JSON object")
-            return ActQKVConfig.from_dict(values)
-        except (ValueError, TypeError, ModelConfigError) as exc:
-            raise ConfigError(f"{ENV_PREFIX}ACTQKV must be a JSON object of ActQKV settings: {exc}") from None
+        return _knobs(ActQKVConfig, self.actqkv, "ACTQKV", "ActQKV")
 
     def homer_config(self) -> Any:
         """The HOMER configuration these settings ask for (defaults when `homer` is unset)."""
-        from model.config import ConfigError as ModelConfigError
         from model.homer import HomerConfig
 
-        if not self.homer:
-            return HomerConfig()
-        try:
-            values = json.loads(self.homer)
-            if not isinstance(values, dict):
-                raise ValueError("not a JSON object")
-            return HomerConfig.from_dict(values)
-        except (ValueError, TypeError, ModelConfigError) as exc:
-            raise ConfigError(f"{ENV_PREFIX}HOMER must be a JSON object of HOMER settings: {exc}") from None
+        return _knobs(HomerConfig, self.homer, "HOMER", "HOMER")
 
     @property
     def resolved_database_url(self) -> str:
@@ -240,3 +222,18 @@ def _parse(name: str, type_name: Any, raw: str) -> Any:
     if type_name == "Path":
         return Path(raw)
     return raw
+
+
+def _knobs(cls: Any, raw: str | None, variable: str, what: str) -> Any:
+    """An engine's knobs (a `model.config.KnobSet`) from its JSON setting; a clear error naming it."""
+    from model.config import ConfigError as ModelConfigError
+
+    if not raw:
+        return cls()
+    try:
+        values = json.loads(raw)
+        if not isinstance(values, dict):
+            raise ValueError("not a JSON object")
+        return cls.from_dict(values)
+    except (ValueError, TypeError, ModelConfigError) as exc:
+        raise ConfigError(f"{ENV_PREFIX}{variable} must be a JSON object of {what} settings: {exc}") from None

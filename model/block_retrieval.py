@@ -24,14 +24,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.config import ConfigError
+from model.config import ConfigError, KnobSet
 
 ACTQKV_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
-class ActQKVConfig:
+class ActQKVConfig(KnobSet):
     """Every ActQKV knob; saved with a document's state and part of its fingerprint."""
+
+    knob_name = "actqkv"  # not a field: no annotation
 
     block_size: int = 64  # tokens per memory block (ActQKV's Qwen2.5 config: 64; InfLLM: 128)
     n_init: int = 64  # start tokens every query attends (attention sinks: chat header, system prompt)
@@ -102,17 +104,6 @@ class ActQKVConfig:
     def float_dtype(self) -> torch.dtype:
         """The floating-point type of stored representatives (bfloat16 beside int8 K/V)."""
         return torch.bfloat16 if self.state_dtype == "int8" else getattr(torch, self.state_dtype)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ActQKVConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ConfigError(f"unknown actqkv settings: {', '.join(sorted(unknown))}")
-        return cls(**data)
 
     def encoding_fields(self) -> dict:
         """What the persisted state depends on: the document is itself streamed with retrieval, so

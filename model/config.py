@@ -24,6 +24,24 @@ class ConfigError(ValueError):
     """A configuration value is invalid or unsupported."""
 
 
+class KnobSet:
+    """A frozen dataclass of an engine's knobs, read from and written to JSON-able dicts (the app's
+    `SHAREDLLM_ACTQKV` / `SHAREDLLM_HOMER`, a stored state's metadata); `knob_name` names it in errors."""
+
+    knob_name = "engine"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"unknown {cls.knob_name} settings: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of a LLaMA-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM)."""

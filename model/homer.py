@@ -36,15 +36,17 @@ from dataclasses import dataclass
 
 import torch
 
-from model.config import ConfigError, ModelConfig
+from model.config import ConfigError, KnobSet, ModelConfig
 from model.rope import apply_rope
 
 HOMER_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
-class HomerConfig:
+class HomerConfig(KnobSet):
     """Every HOMER knob; the per-document fields are saved with a document's state and fingerprinted."""
+
+    knob_name = "homer"  # not a field: no annotation
 
     chunk_tokens: int = 0  # a chunk's length (prefix + piece + suffix); 0: half the model's window
     warmup_layers: int = -1  # layers without merging; -1: 3/8 of the layers (HOMER: 12 of Llama-2's 32)
@@ -102,17 +104,6 @@ class HomerConfig:
     @property
     def float_dtype(self) -> torch.dtype:
         return getattr(torch, self.state_dtype)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> HomerConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ConfigError(f"unknown homer settings: {', '.join(sorted(unknown))}")
-        return cls(**data)
 
     def state_fields(self) -> dict:
         """What a document's stored leaves depend on (not the question-time target or calibration)."""

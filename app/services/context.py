@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 from app.auth import AuthService
 from app.config import Settings
-from app.services.document_states import DocumentStateService
 from app.ingestion import IngestionService, ProgressFn
 from app.services.conversations import ConversationService
+from app.services.document_states import DocumentStateService
 from app.services.documents import DocumentService
 from app.services.language_model import LanguageModel
 from app.services.prompt_cache import PromptCacheService

@@ -16,14 +16,14 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.services.document_states import DocumentStateService
 from app.services.conversations import owned_conversation, title_from_question
+from app.services.document_states import DocumentStateService
 from app.services.documents import DocumentService
 from app.services.engines import get_engine
 from app.services.errors import BadRequest
-from model.config import ConfigError as ModelConfigError
 from app.services.language_model import LanguageModel
 from app.services.prompt_cache import PromptCacheService
+from model.config import ConfigError as ModelConfigError
 from storage import Conversation, Message
 
 logger = logging.getLogger(__name__)
