@@ -199,7 +199,7 @@ class BlockMemory:
         chosen = torch.zeros(0, dtype=torch.long)
         if self.pool:
             probe = probe_query(heads_last(q_global), self.stats[layer], self.cfg.probe)
-            if self.cfg.score == "max_token":
+            if self.cfg.score.startswith("max_token"):
                 scores = self._max_token_scores(layer, probe)
             else:
                 scores = block_scores(probe, self.reprs[layer], self.groups, self.cfg.score)
@@ -227,13 +227,13 @@ class BlockMemory:
         self._src[layer] = torch.cat(src)
 
     def _max_token_scores(self, layer: int, probe: torch.Tensor) -> torch.Tensor:
-        """`max_token` scores of the pool, in pool order (each document's pool blocks are consecutive)."""
+        """`max_token(_head)` scores of the pool, in pool order (each document's pool blocks are consecutive)."""
         B, parts = self.cfg.block_size, []
         for d, (lo, hi) in enumerate(self._pool_ranges):
             if hi > lo:
                 st = self.states[d]
                 keys = st.k[layer].read(lo * B, min(hi * B, st.length)).to(self.device)
-                parts.append(max_token_scores(probe, keys, B))
+                parts.append(max_token_scores(probe, keys, B, per_head=self.cfg.score == "max_token_head"))
         return torch.cat(parts)
 
     def _source_ids(self, d: int, tokens: torch.Tensor) -> torch.Tensor:

@@ -123,9 +123,10 @@ class _Encoder:
         s_g = 0
         if available:
             probe = probe_query(channels, self.stats[i], cfg.encode_probe)
-            if cfg.score == "max_token":
+            if cfg.score.startswith("max_token"):
                 B = cfg.block_size
-                scores = max_token_scores(probe, self.k[i][:, first * B:(first + available) * B], B)
+                scores = max_token_scores(probe, self.k[i][:, first * B:(first + available) * B], B,
+                                          per_head=cfg.score == "max_token_head")
             else:
                 scores = block_scores(probe, self.reprs[i][first:first + available], self.groups, cfg.score)
             entropies[i] = normalised_entropy(scores, cfg.entropy_temperature)

@@ -61,7 +61,8 @@ class ActQKVConfig(KnobSet):
     encode_probe: str = "activation"
     # block score: "cosine" / "dot" of the probe with the block's representative (ActQKV / InfLLM), or
     # "max_token": the block's best token, by the probe's attention logit averaged over heads (reads
-    # every stored key of the pool per retrieval; no representative involved). Measured best: max_token
+    # every stored key of the pool per retrieval; no representative involved). Measured best: max_token.
+    # "max_token_head": the same with the logit maximised over heads instead of averaged
     score: str = "max_token"
     state_dtype: str = "bfloat16"  # persisted K/V: bfloat16, float16, float32, or int8 (a scale per block)
 
@@ -84,8 +85,8 @@ class ActQKVConfig(KnobSet):
             raise ConfigError(f"actqkv repr_topk={self.repr_topk} exceeds block_size={self.block_size}")
         if self.memory_positions not in ("block", "none"):
             raise ConfigError(f"actqkv memory_positions {self.memory_positions!r}: use block or none")
-        if self.score not in ("cosine", "dot", "max_token"):
-            raise ConfigError(f"actqkv score {self.score!r}: use cosine, dot or max_token")
+        if self.score not in ("cosine", "dot", "max_token", "max_token_head"):
+            raise ConfigError(f"actqkv score {self.score!r}: use cosine, dot, max_token or max_token_head")
         for name in ("probe", "encode_probe"):
             if getattr(self, name) not in ("activation", "mean", "last"):
                 raise ConfigError(f"actqkv {name} {getattr(self, name)!r}: use activation, mean or last")
@@ -189,12 +190,14 @@ def block_scores(probe: torch.Tensor, reprs: torch.Tensor, groups: int, kind: st
     return F.normalize(expanded.flatten(1), dim=-1) @ F.normalize(probe, dim=0)
 
 
-def max_token_scores(probe: torch.Tensor, keys: torch.Tensor, block_size: int) -> torch.Tensor:
+def max_token_scores(probe: torch.Tensor, keys: torch.Tensor, block_size: int, per_head: bool = False) -> torch.Tensor:
     """probe (C,) = (nh * hd,), keys (nkv, n * B', hd) of consecutive blocks -> (ceil(n B' / B),): per
-    block, the largest attention logit q.k / sqrt(hd) (averaged over heads) of any of its tokens."""
+    block, the largest attention logit q.k / sqrt(hd) of any of its tokens, averaged over heads (or,
+    `per_head`, the largest over heads: one head that finds the token is enough)."""
     nkv, length, hd = keys.shape
     q = probe.float().view(nkv, -1, hd).to(keys.device)  # (nkv, g, hd)
-    logits = (q @ keys.float().transpose(1, 2)).mean(1).sum(0) / (nkv * hd**0.5)  # (S,)
+    per = q @ keys.float().transpose(1, 2)  # (nkv, g, S)
+    logits = (per.amax(dim=(0, 1)) if per_head else per.mean(1).sum(0) / nkv) / hd**0.5  # (S,)
     n = -(-length // block_size)
     padded = logits.new_full((n * block_size,), float("-inf"))
     padded[:length] = logits

@@ -155,6 +155,22 @@ def test_block_scores_pick_the_blocks_aligned_with_the_probe_across_gqa_groups()
     assert top_blocks(scores, 50).numel() == 10
 
 
+def test_max_token_scores_take_a_blocks_best_token_averaged_or_best_over_heads():
+    from model.block_retrieval import max_token_scores
+
+    nkv, g, hd, B = 2, 2, 4, 4
+    probe = torch.zeros(nkv * g * hd)
+    probe[0] = 1.0  # only the first query head looks along key dimension 0
+    keys = torch.zeros(nkv, 3 * B, hd)
+    keys[0, 5, 0] = 8.0  # block 1: a token that head alone attends strongly
+    keys[:, 9, :] = 1.0  # block 2: a token every head attends a little
+    probe[g * hd:] = 1.0  # the second KV group's heads look along every dimension
+    mean = max_token_scores(probe, keys, B)
+    best = max_token_scores(probe, keys, B, per_head=True)
+    assert int(mean.argmax()) == 2 and int(best.argmax()) == 1
+    torch.testing.assert_close(best[1], torch.tensor(8.0 / hd**0.5))
+
+
 def test_the_probe_weights_queries_by_their_deviation_from_the_statistics():
     stats = RunningStats(4)
     stats.update(torch.randn(1000, 4) * 0.1)
