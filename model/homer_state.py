@@ -160,8 +160,8 @@ def _run_leaf_layers(base, ids: torch.Tensor, start: int, top: int, ends: list[i
     hidden = {}
     for i in range(top):
         x = base.layers[i](x, cos, sin, base.attn_fn, cache[i], input_pos)
-        if i + 1 in ends:
-            hidden[i + 1] = x[0]
+        if i + 1 in ends:  # the top of all layers is never read (no merge above): kept as a 0-wide marker
+            hidden[i + 1] = x[0] if i + 1 < len(base.layers) else x[0, :, :0]
     return hidden, cache
 
 
@@ -196,6 +196,8 @@ def leaf_chunk(base, state: HomerState, j: int, d: int, suffix_ids: list[int], l
 
         x = base.layers[i](x, None, None, None, attend=attend)
     top = torch.cat([state.prefix_hidden[leaf_end], state.hidden[j][leaf_end]]).to(device, dtype)
+    if top.shape[1] == 0:  # a single leaf: nothing runs above it, its top hidden state is never read
+        top = x.new_zeros(p + n, x.shape[2])
     affix = torch.full((p,), -1, dtype=torch.long, device=device)
     tail = torch.full((s,), -1, dtype=torch.long, device=device)
     chunk = Chunk(torch.cat([top, x[0]]), pos, ks, vs,

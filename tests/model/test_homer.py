@@ -43,6 +43,10 @@ def test_one_chunk_gives_the_tokens_and_logits_of_full(base8):
     ctx = random_ids(150, seed=1).tolist()
     state = encode_document(base8, cfg, PREFIX, ctx, 3)
     assert len(state.ranges) == 1  # prefix + context + suffix within a chunk: no merging, no reduction
+    assert state.hidden[0][8].shape == (len(ctx), 0)  # nothing runs above one leaf: no top state stored
+    from safetensors.torch import load, save
+
+    state = HomerState.from_tensors(load(save(state.to_tensors())), state.config)  # as the store reads it
     settings = GenerationSettings(max_new_tokens=16)
     reference = list(generate_tokens(base8, PREFIX + ctx + SUFFIX, None, settings))
     bias = torch.randn(8, 300)  # a calibration changes nothing when nothing is dropped
