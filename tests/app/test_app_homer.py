@@ -141,3 +141,25 @@ def test_a_document_beyond_what_the_layers_can_merge_is_refused_clearly(settings
         ask(ctx, alice.id, "How many units are in lot 2?", [doc])
     assert state_rows(ctx) == []  # nothing half-written
     ctx.close()
+
+
+def test_the_chat_shows_the_calibration_and_the_leaves_while_they_are_built(small_ctx, make_doc):
+    from types import SimpleNamespace
+
+    from app.ui.access import ExportLinks
+    from app.ui.pages import ChatPage
+
+    ctx = small_ctx
+    owner = ctx.auth.local_user().id
+    doc = make_doc(owner, pages=PAGES)
+    chat = ChatPage(ctx, ExportLinks(ctx.conversations.transcript))
+    request = SimpleNamespace(username=None, session_hash="page-1")
+    chat.take_question("How many units are in lot 2?", request)
+    statuses = [str(f[4]) for f in chat.ask(None, [doc], "homer", 8, 0.0, request)]
+    assert any("Calibrating homer" in s for s in statuses)
+    reading = [s for s in statuses if "stored leaves" in s]
+    done, total = reading[-1].rsplit(": ", 1)[1].split()[0].split("/")
+    assert done == total and int(total) > 1  # per piece, to the end
+    chat.take_question("And lot 3?", request)
+    again = [str(f[4]) for f in chat.ask(None, [doc], "homer", 8, 0.0, request)]
+    assert not [s for s in again if "stored leaves" in s or "Calibrating" in s]  # both stored: no second build
