@@ -81,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qa-pdfs", default=None, help="quality: comma-separated PDF ids (default: all available)")
     parser.add_argument("--qa-limit", type=int, default=None, help="quality: at most N questions per PDF")
     parser.add_argument("--ppl-lengths", type=_ints, default=None)
+    parser.add_argument("--actqkv", default=None, help="JSON of ActQKV knobs (as SHAREDLLM_ACTQKV)")
+    parser.add_argument("--homer", default=None, help="JSON of HOMER knobs (as SHAREDLLM_HOMER)")
     parser.add_argument("--skip", default="", help="quality: parts to skip (needle,qa,multi,ppl)")
     parser.add_argument("-v", "--verbose", action="store_true")
 
@@ -108,6 +110,11 @@ def make_run(args: argparse.Namespace, command: str):
     choice = ModelChoice(model_path=args.model, weights=args.weights, init_mode=args.init_mode,
                          tiny=args.tiny or smoke, data_dir=data_dir, device=args.device)
     lm = choice.load()
+    if args.actqkv or args.homer:  # engine knobs, read as the app reads SHAREDLLM_ACTQKV / SHAREDLLM_HOMER
+        from app.config import Settings
+
+        knobs = Settings.load({"actqkv": args.actqkv, "homer": args.homer}, environ={})
+        lm.actqkv, lm.homer = knobs.actqkv_config(), knobs.homer_config()
     img_dir = args.img_dir or args.out.parent / "img"
     raw_dir = args.raw_dir or (REPO / "bench" / "results" if args.out.resolve() == (REPO / "docs" / "benchmarks.md")
                                else args.out.parent / "results")

@@ -67,3 +67,20 @@ def test_the_homer_section_times_the_merge_against_recomputing_and_records_peak_
     assert speed["homer_pieces"] > 1 and speed["homer_bytes_per_token"] > 0
     [row] = [r for r in raw["needle"] if r["engine"] == "homer"]
     assert row["peak_rss_mb"] > 0 and row["homer_input_tokens"] > row["homer_cache_tokens"] > 0
+
+
+def test_engine_knobs_reach_the_benchmarks_model_and_bad_ones_are_refused(tmp_path, model_data_dir):
+    import pytest
+
+    from app.config import ConfigError
+    from bench.cli import build_parser, make_run
+
+    args = build_parser().parse_args(["homer", "--tiny", "--data-dir", str(model_data_dir), "--out",
+                                      str(tmp_path / "b.md"), "--homer", '{"chunk_tokens": 256}',
+                                      "--actqkv", '{"budget": 16}'])
+    run = make_run(args, "test")
+    assert run.lm.homer.chunk_tokens == 256 and run.lm.actqkv.budget == 16
+    bad = build_parser().parse_args(["homer", "--tiny", "--data-dir", str(model_data_dir), "--out",
+                                     str(tmp_path / "b.md"), "--homer", '{"nope": 1}'])
+    with pytest.raises(ConfigError, match="SHAREDLLM_HOMER"):
+        make_run(bad, "test")
