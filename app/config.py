@@ -28,7 +28,9 @@ DEFAULT_ENGINE_REASON = (
     "on 16 of them: rag 12, full 12, actqkv 10, sharedllm 0; docs/benchmarks.md). "
     "full reads the whole document instead (up to 32K tokens; its prompt is cached after the first "
     "question); actqkv reads whole documents of any length from stored block K/V and answers a second "
-    "after the question, but finds facts less reliably past 4K tokens; sharedllm has no trained "
+    "after the question, but finds facts less reliably past 4K tokens; homer merges whole documents per "
+    "question (8/12 in a five-engine run where rag answered 8, full 9) but confuses facts past 16K "
+    "tokens and takes minutes per question there on a CPU; sharedllm has no trained "
     "cross-attention for this model yet, so its answers are not grounded in the documents"
 )
 ENV_PREFIX = "SHAREDLLM_"

@@ -62,7 +62,8 @@ class ActQKVConfig(KnobSet):
     # block score: "cosine" / "dot" of the probe with the block's representative (ActQKV / InfLLM), or
     # "max_token": the block's best token, by the probe's attention logit averaged over heads (reads
     # every stored key of the pool per retrieval; no representative involved). Measured best: max_token.
-    # "max_token_head": the same with the logit maximised over heads instead of averaged
+    # "max_token_head": the same with the logit maximised over heads instead of averaged (measured on the
+    # needle grid, docs/benchmarks.md "actqkv-head": 16K 1/3, 32K 0/3 against max_token's 1/3, 1/3)
     score: str = "max_token"
     state_dtype: str = "bfloat16"  # persisted K/V: bfloat16, float16, float32, or int8 (a scale per block)
 
