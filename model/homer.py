@@ -5,7 +5,8 @@ KV heads (GQA group g = nh / nkv), hd head dim, T tokens of a chunk.
 
 The input is prefix (chat header) + context (the documents) + suffix (earlier turns, the question,
 the assistant header). The context is cut into 2^h pieces (`pieces`); each leaf chunk is
-prefix + piece + suffix with positions from 0, so every chunk fits half the model's window. The
+prefix + piece + suffix with positions from 0, so every chunk fits the model's window (HOMER: half of
+it; `HomerConfig.chunk_tokens` says why ours defaults to the whole window less the answer's room). The
 layers above the first W are split into h + 1 groups (`Schedule`): a leaf runs the warm-up layers and
 the first group, each merge level one further group. At the last layer of each group the chunk is
 reduced to its target length (`keep_mask`): a context token's significance is the final suffix
@@ -48,7 +49,12 @@ class HomerConfig(KnobSet):
 
     knob_name = "homer"  # not a field: no annotation
 
-    chunk_tokens: int = 0  # a chunk's length (prefix + piece + suffix); 0: half the model's window
+    # a chunk's length (prefix + piece + suffix); 0: the model's window less room for the answer
+    # (`answer_room`). HOMER's own setting is half the window ({"chunk_tokens": 16384} for Qwen2.5):
+    # measured on the needle grid (docs/benchmarks.md, "homer" against "homer-window"), whole-window
+    # chunks answered 2/3 at 16K and 32K against 1/3 (half as many leaves sharing positions), and a
+    # document within the window is then one leaf, i.e. `full` (TTFT 1.9 s at 16K instead of 69 s)
+    chunk_tokens: int = 0
     warmup_layers: int = -1  # layers without merging; -1: 3/8 of the layers (HOMER: 12 of Llama-2's 32)
     target_tokens: int = 0  # the final KV cache's length; 0: chunk_tokens (HOMER's setting)
     # question tokens (earlier turns, question, assistant header) the chunking leaves room for: the
@@ -88,7 +94,7 @@ class HomerConfig(KnobSet):
 
     def resolve(self, model: ModelConfig) -> HomerConfig:
         """The automatic values made concrete for `model`, checked against its layers and window."""
-        chunk = self.chunk_tokens or model.max_position // 2
+        chunk = self.chunk_tokens or model.max_position - answer_room(model.max_position)
         warmup = self.warmup_layers if self.warmup_layers >= 0 else round(model.n_layer * 3 / 8)
         out = dataclasses.replace(self, chunk_tokens=chunk, warmup_layers=warmup,
                                   target_tokens=self.target_tokens or chunk)
@@ -114,6 +120,12 @@ class HomerConfig(KnobSet):
         ident = {"format": HOMER_FORMAT_VERSION, "checkpoint": checkpoint_hash, "layout": prompt_layout,
                  **self.state_fields()}
         return "homer-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def answer_room(max_position: int) -> int:
+    """Positions the default chunk leaves after the merged cache for the answer: 1,024 (the app's
+    max_new_tokens limit) or a quarter of a small window."""
+    return min(1024, max_position // 4)
 
 
 @dataclass(frozen=True)

@@ -207,7 +207,7 @@ def test_the_calibration_averages_logits_by_distance(base8):
 
 def test_the_config_is_validated_and_resolved_for_the_model(base8):
     cfg = HomerConfig().resolve(base8.config)
-    assert (cfg.chunk_tokens, cfg.warmup_layers, cfg.target_tokens) == (512, 3, 512)
+    assert (cfg.chunk_tokens, cfg.warmup_layers, cfg.target_tokens) == (768, 3, 768)  # window less answer room
     for bad in (dict(state_dtype="int8"), dict(suffix_reserve=0), dict(warmup_layers=-2), dict(extra_heights=-1)):
         with pytest.raises(ConfigError):
             HomerConfig(**bad)
