@@ -407,6 +407,8 @@ class HomerEngine:
     summary = "whole documents merged per question into one cache (HOMER, training-free)"
     needs_tree = False
     state_kind = "homer"
+    # what the chat says until the first token: past the window the merge takes minutes on a CPU
+    waiting = "Merging the documents for this question (HOMER; minutes past the model's window on a CPU)…"
 
     def prepare(self, lm, question, docs, history):
         t0 = time.perf_counter()

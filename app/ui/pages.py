@@ -385,7 +385,8 @@ class ChatPage(Pages):
             ):
                 if isinstance(item, Asked):  # stored: a question queued behind this one continues it
                     conversation_id = item.conversation
-                    yield history, conversation_id, gr.update(), gr.update(), "Thinking…", gr.update()
+                    waiting = getattr(ENGINES.get(engine), "waiting", "Thinking…")  # an engine's own words
+                    yield history, conversation_id, gr.update(), gr.update(), waiting, gr.update()
                     continue
                 if isinstance(item, Answer):
                     final = item

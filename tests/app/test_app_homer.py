@@ -156,7 +156,7 @@ def test_the_chat_shows_the_calibration_and_the_leaves_while_they_are_built(smal
     request = SimpleNamespace(username=None, session_hash="page-1")
     chat.take_question("How many units are in lot 2?", request)
     statuses = [str(f[4]) for f in chat.ask(None, [doc], "homer", 8, 0.0, request)]
-    assert any("Calibrating homer" in s for s in statuses)
+    assert any("Calibrating homer" in s for s in statuses) and any("Merging the documents" in s for s in statuses)
     reading = [s for s in statuses if "stored leaves" in s]
     done, total = reading[-1].rsplit(": ", 1)[1].split()[0].split("/")
     assert done == total and int(total) > 1  # per piece, to the end
