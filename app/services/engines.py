@@ -49,7 +49,9 @@ class Prepared:
 
 class Engine(Protocol):
     """An answering engine. A new one is a class with these members, added to `ENGINES` below: the
-    settings, the CLI, the UI and the benchmarks all take the list from there."""
+    settings, the CLI, the UI and the benchmarks all take the list from there. Optional members:
+    `state_kind` (a per-document state the QA service builds first: app/services/document_states.py)
+    and `waiting` (what the chat says until the first token, when not "Thinking…")."""
 
     name: str
     summary: str  # one line for the Settings tab
