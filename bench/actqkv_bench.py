@@ -138,7 +138,8 @@ def _acc(rows: list[dict]) -> float | None:
 
 def run_actqkv(run: Run, lengths: list[int], depths: list[float], engines: tuple[str, ...],
                tiled_lengths: list[int] | None = None, key: str = "actqkv"):
-    from app.services.engines import document_stream, get_engine, homer_stream
+    from app.services.engines import get_engine
+    from app.services.prompt_layout import document_stream, homer_stream
     from bench.evalset import contains_match
 
     started = time.perf_counter()

@@ -60,7 +60,7 @@ def reading_items(n: int) -> list[tuple[Any, str]]:
 
 
 def _prompt(lm: Any, layout: str, context: str, question: str) -> list[int]:
-    from app.services.engines import SYSTEM_PROMPT, with_documents_first
+    from app.services.prompt_layout import SYSTEM_PROMPT, with_documents_first
 
     if layout == LAYOUTS[0]:
         return lm.prompt_ids(with_documents_first(f"Document:\n{context}", question, []))[0]

@@ -25,7 +25,8 @@ def _find(ids: list[int], sub: list[int]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from app.services.engines import get_engine, homer_stream
+    from app.services.engines import get_engine
+    from app.services.prompt_layout import homer_stream
     from bench.actqkv_bench import needle_document
     from bench.common import document_context, split_pages
     from bench.evalset import contains_match

@@ -2,7 +2,7 @@
 first use, so a library pays only for the engines it uses.
 
 A document's state depends on the model (checkpoint, compute dtype), the engine's knobs and the text
-around the document in the prompt (`engines.actqkv_layout`): all of it is in the fingerprint, so a
+around the document in the prompt (`prompt_layout.actqkv_layout`): all of it is in the fingerprint, so a
 state is used only by the configuration that made it. A digest of what the stream is made from (the
 header, the document's name and page texts) is compared before use (a renamed document has another
 "Document: name" line), and a file that fails verification is dropped and re-encoded
@@ -26,12 +26,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.services.derived_state import DerivedStateStore
 from app.services.documents import DocumentContext
-from app.services.engines import actqkv_layout, document_stream, homer_stream, stream_digest
+from app.services.prompt_layout import actqkv_layout, document_stream, homer_stream, stream_digest
 from storage import TensorStore
 
 logger = logging.getLogger(__name__)
 
-DIGEST_KEY = "source_digest"  # sha256 of what the stream was made from (engines.stream_digest)
+DIGEST_KEY = "source_digest"  # sha256 of what the stream was made from (prompt_layout.stream_digest)
 Progress = Callable[[str, int, int], None]
 
 

@@ -8,7 +8,6 @@ engines, so they are compared on the same work.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import time
@@ -17,14 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from app.services.documents import DocumentContext
+from app.services.prompt_layout import (
+    SYSTEM_PROMPT,
+    around_documents,
+    document_stream,
+    homer_stream,
+    with_documents_first,
+)
 from model.prompts import SHAREDLLM_SYSTEM_PROMPT
 
 logger = logging.getLogger(__name__)
 
-SYSTEM_PROMPT = (
-    "You are a careful assistant answering questions about the user's documents. "
-    "Answer briefly and only from the documents; if they do not contain the answer, say so."
-)
 PASSAGE_CHARS = 600
 HISTORY_BUDGET_TURNS = 6  # earlier turns the prompt leaves room for (3 question/answer pairs)
 _WORD = re.compile(r"[A-Za-z0-9]+")
@@ -146,22 +148,6 @@ def attention_citations(lm: Any, docs: list[DocumentContext], result: Any, k: in
 def _window(lm: Any) -> int:
     """The base model's context window in tokens."""
     return int(lm.model.base.config.max_position)
-
-
-def with_documents_first(context: str, question: str, history: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The prompt layout of the prompt engines: system prompt, then the documents at the start of the
-    first user message, the question after them, earlier turns as ordinary chat turns.
-
-    Measured (docs/benchmarks.md, "Prompt layout"): the document inside the user message reads better
-    than the document before the chat template. Keeping the documents in the *first* user message
-    makes the prompt's prefix the same every turn, so `full` persists its K/V once per document."""
-    turns = history or []
-    if turns and turns[0]["role"] == "user":
-        first = {"role": "user", "content": f"{context}\n\nQuestion: {turns[0]['content']}"}
-        return [{"role": "system", "content": SYSTEM_PROMPT}, first, *turns[1:],
-                {"role": "user", "content": f"Question: {question}"}]
-    return [{"role": "system", "content": SYSTEM_PROMPT}, *turns,
-            {"role": "user", "content": f"{context}\n\nQuestion: {question}"}]
 
 
 class FullContextEngine:
@@ -319,62 +305,6 @@ class RagEngine:
                 if found:
                     return [citation(doc, page, text) for doc, page, text in found]
         return [citation(docs[i], c["page_start"], c["text"][:QUOTE_CHARS]) for i, c in prepared.used[:k]]
-
-
-# bump when the text around the documents in `actqkv`'s stream changes (it is part of the stored state)
-ACTQKV_LAYOUT_VERSION = 1
-_DOCUMENTS_MARK = "\x00documents\x00"
-
-
-def around_documents(lm: Any, question: str, history: list[dict[str, str]]) -> tuple[str, str]:
-    """The chat-templated prompt of `with_documents_first`, cut where the documents go: the header
-    before them (system prompt, first user turn's start) and the rest (question, earlier turns)."""
-    messages = with_documents_first(_DOCUMENTS_MARK, question, history)
-    text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    head, tail = text.split(_DOCUMENTS_MARK)
-    return head, tail
-
-
-def actqkv_layout(lm: Any) -> str:
-    """What the stored stream's text around the document depends on (part of its fingerprint)."""
-    head, _ = around_documents(lm, "?", [])
-    return f"v{ACTQKV_LAYOUT_VERSION}:{hashlib.sha256(head.encode()).hexdigest()[:16]}"
-
-
-def document_stream(lm: Any, doc: DocumentContext) -> tuple[list[int], int]:
-    """The token stream `actqkv` encodes for one document, and where the document's tokens start:
-    the prompt's header, a "Document: name" line, then the document tokenized page by page exactly as
-    ingestion did (so stream positions map to pages)."""
-    from app.ingestion import tokenize_pages
-
-    head, _ = around_documents(lm, "?", [])
-    head_ids = lm.tokenize(head + f"Document: {doc.name}\n")
-    ids = doc.token_ids if doc.token_ids is not None else tokenize_pages(lm.tokenizer, [p.text for p in doc.pages]).token_ids
-    return head_ids + list(ids), len(head_ids)
-
-
-def homer_stream(lm: Any, doc: DocumentContext) -> tuple[list[int], list[int], int]:
-    """What `homer` encodes for one document: the prompt's header (the prefix of every chunk), the
-    context stream ("Document: name" line, then the document's tokens as ingestion made them), and
-    where in that stream the document's tokens start."""
-    from app.ingestion import tokenize_pages
-
-    head, _ = around_documents(lm, "?", [])
-    name_ids = lm.tokenize(f"Document: {doc.name}\n")
-    ids = doc.token_ids if doc.token_ids is not None else tokenize_pages(lm.tokenizer, [p.text for p in doc.pages]).token_ids
-    return lm.tokenize(head), name_ids + list(ids), len(name_ids)
-
-
-def stream_digest(lm: Any, doc: DocumentContext) -> str:
-    """What `document_stream` depends on, hashed without tokenizing (checked before a stored state is
-    used: hashing the page texts costs milliseconds, tokenizing a 128K-token document seconds)."""
-    head, _ = around_documents(lm, "?", [])
-    digest = hashlib.sha256(f"{head}\x00{doc.name}\x00".encode())
-    for page in doc.pages:
-        digest.update(f"{page.token_start}:{page.token_end}:".encode())
-        digest.update(page.text.encode())
-        digest.update(b"\x00")
-    return digest.hexdigest()
 
 
 class ActQKVEngine:
