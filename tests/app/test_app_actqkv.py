@@ -1,6 +1,7 @@
 """`actqkv` through the QA service: its document state built on first use and persisted, reused by
-later questions, re-encoded when damaged or made from other text, removed with its document, built
-at ingestion when it is the server's engine, and answers cited to the document's pages."""
+later questions, re-encoded when damaged or made from other text, and answers cited to the
+document's pages. What it shares with `homer` (several documents, deletion, built at ingestion):
+test_app_engine_states.py."""
 
 from __future__ import annotations
 
@@ -87,40 +88,6 @@ def test_a_damaged_state_is_dropped_and_re_encoded(small_ctx, two_users, make_do
     assert len(calls) == 1 and second.answer == first.answer
     [(_, path2, sha2)] = state_rows(ctx)
     ctx.tensors.verify(path2, sha2)
-
-
-def test_the_state_goes_with_its_document_and_several_documents_are_read_together(small_ctx, two_users, make_doc):
-    ctx = small_ctx
-    alice, bob = two_users
-    a = make_doc(alice.id, name="a.pdf", pages=PAGES)
-    b = make_doc(alice.id, name="b.pdf", pages=PAGES[::-1])
-    both = ask(ctx, alice.id, "Which lot is delivered fastest?", [a, b])
-    assert {d for d, _, _ in state_rows(ctx)} == {a, b}
-    assert {c["document"] for c in both.citations} <= {a, b}
-    from app.services.errors import NotFound
-
-    with pytest.raises(NotFound):  # another user's document is not readable through this engine either
-        ask(ctx, bob.id, "Which lot?", [a])
-    [(_, path, _)] = [r for r in state_rows(ctx) if r[0] == a]
-    ctx.documents.delete(alice.id, a)
-    assert [r[0] for r in state_rows(ctx)] == [b] and not ctx.tensors.absolute(path).exists()
-
-
-def test_ingestion_builds_the_state_when_actqkv_is_the_servers_engine(tiny_model, tmp_path):
-    from app_testkit import write_pdf
-
-    lm = dataclasses.replace(tiny_model, actqkv=SMALL)
-    ctx = AppContext(Settings.load({"data_dir": tmp_path / "d", "engine": "actqkv"}, environ={}), model=lm)
-    owner = ctx.auth.local_user().id
-    stages = []
-    info = ctx.ingestion.ingest_path(owner, write_pdf(tmp_path / "lots.pdf", PAGES),
-                                     progress=lambda stage, done, total: stages.append((stage, done, total)))
-    assert info["status"] == "ready"
-    encoding = [s for s in stages if s[0] == "actqkv"]
-    assert encoding and encoding[-1][1] == encoding[-1][2] and len(encoding) > 1  # per execution block
-    assert [r[0] for r in state_rows(ctx)] == [info["id"]]
-    assert ctx.qa.warm_engine_state(owner, info["id"], "actqkv") == 0  # already stored
-    ctx.close()
 
 
 def test_actqkv_settings_are_validated_and_reach_the_engine():

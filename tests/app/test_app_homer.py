@@ -1,7 +1,7 @@
 """`homer` through the QA service: its calibration computed once per model and stored, each
-document's leaves built on first use and persisted, reused by later questions, several documents
-merged in one tree, the state removed with its document, built at ingestion when it is the server's
-engine, and answers cited to the document's pages."""
+document's leaves built on first use and persisted, reused by later questions, answers cited to the
+document's pages, documents beyond the layers refused, the chat's statuses. What it shares with
+`actqkv` (several documents, deletion, built at ingestion): test_app_engine_states.py."""
 
 from __future__ import annotations
 
@@ -82,40 +82,6 @@ def test_leaves_and_calibration_are_built_once_and_answers_cite_pages(small_ctx,
     ask(second, alice.id, "How many units are in lot 2?", [doc])
     assert calls == {"encode": 1, "calibrate": 1}
     second.close()
-
-
-def test_several_documents_are_merged_together_and_states_go_with_their_document(small_ctx, two_users, make_doc):
-    ctx = small_ctx
-    alice, bob = two_users
-    a = make_doc(alice.id, name="a.pdf", pages=PAGES)
-    b = make_doc(alice.id, name="b.pdf", pages=PAGES[::-1])
-    both = ask(ctx, alice.id, "Which lot is delivered fastest?", [a, b])
-    assert {d for d, _, _ in state_rows(ctx)} == {a, b}
-    assert {c["document"] for c in both.citations} <= {a, b}
-    from app.services.errors import NotFound
-
-    with pytest.raises(NotFound):  # another user's document is not readable through this engine either
-        ask(ctx, bob.id, "Which lot?", [a])
-    [(_, path, _)] = [r for r in state_rows(ctx) if r[0] == a]
-    ctx.documents.delete(alice.id, a)
-    assert [r[0] for r in state_rows(ctx)] == [b] and not ctx.tensors.absolute(path).exists()
-
-
-def test_ingestion_builds_the_leaves_when_homer_is_the_servers_engine(tiny_model, tmp_path):
-    from app_testkit import write_pdf
-
-    lm = dataclasses.replace(tiny_model, homer=SMALL)
-    ctx = AppContext(Settings.load({"data_dir": tmp_path / "d", "engine": "homer"}, environ={}), model=lm)
-    owner = ctx.auth.local_user().id
-    stages = []
-    info = ctx.ingestion.ingest_path(owner, write_pdf(tmp_path / "lots.pdf", PAGES),
-                                     progress=lambda stage, done, total: stages.append((stage, done, total)))
-    assert info["status"] == "ready"
-    encoding = [s for s in stages if s[0] == "homer"]
-    assert encoding and encoding[-1][1] == encoding[-1][2] > 1  # per piece, to the end
-    assert [r[0] for r in state_rows(ctx)] == [info["id"]]
-    assert ctx.qa.warm_engine_state(owner, info["id"], "homer") == 0  # already stored
-    ctx.close()
 
 
 def test_homer_settings_are_validated_and_reach_the_engine():
