@@ -72,6 +72,11 @@ class HomerConfig(KnobSet):
     # whose attention logits rank the context: "last" (the final suffix token, HOMER) or "suffix" (the
     # best over every suffix token: the question's own words, e.g. the noun asked about)
     significance_query: str = "last"
+    # the positions of a merged chunk: "homer" (each piece keeps its own from 0, so two merged pieces'
+    # tokens share positions, as HOMER does) or "sequential" (renumbered 0..T-1 in reading order at
+    # every merge, every lower layer's keys re-rotated to match: the merged cache reads like one
+    # shorter document, its order intact, within the window since T <= the chunk length)
+    positions: str = "homer"
     calibration_tokens: int = 4096  # calibration window: biases measured for distances up to it
     calibration_windows: int = 2
     calibration_queries: int = 64  # last tokens of each window whose logits are averaged per distance
@@ -89,6 +94,8 @@ class HomerConfig(KnobSet):
             raise ConfigError("homer calibration_queries must be fewer than calibration_tokens")
         if self.significance_query not in ("last", "suffix"):
             raise ConfigError(f"homer significance_query {self.significance_query!r}: use last or suffix")
+        if self.positions not in ("homer", "sequential"):
+            raise ConfigError(f"homer positions {self.positions!r}: use homer or sequential")
         if self.state_dtype not in ("bfloat16", "float16", "float32"):
             raise ConfigError(f"homer state_dtype {self.state_dtype!r}: use bfloat16, float16 or float32")
 
@@ -223,6 +230,20 @@ def merge(left: Chunk, right: Chunk) -> Chunk:
                  concat(left.doc, right.doc), concat(left.tok, right.tok), p, s)
 
 
+def renumber(base, chunk: Chunk) -> Chunk:
+    """`chunk` at positions 0..T-1 in its order: every stored key is rotated by its token's change
+    of position (RoPE is a rotation per frequency pair, so R(new - old) R(old) = R(new)); values and
+    hidden states carry no position. Exact for a uniform shift (relative positions unchanged)."""
+    new = torch.arange(chunk.length, device=chunk.pos.device)
+    delta = new - chunk.pos
+    if bool((delta == 0).all()):
+        return chunk
+    cos, sin = base.rope(delta, chunk.k[0].dtype) if chunk.k else (None, None)
+    chunk.k = [apply_rope(k, cos.to(k.dtype), sin.to(k.dtype)) for k in chunk.k]
+    chunk.pos = new
+    return chunk
+
+
 def significance(q_last: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """q_last (nh, hd) post-RoPE query of the final suffix token (or (nh, Q, hd): several suffix
@@ -306,9 +327,9 @@ class Merger:
 
     def __init__(self, base, schedule: Schedule, bias: torch.Tensor | None, leaf: LeafFn,
                  leaf_lengths: dict, prefix: int, suffix: int, max_piece: int, window: int = 0,
-                 n_queries: int = 1) -> None:
+                 n_queries: int = 1, sequential: bool = False) -> None:
         self.base, self.schedule, self.bias, self.leaf, self.window = base, schedule, bias, leaf, window
-        self.n_queries = n_queries
+        self.n_queries, self.sequential = n_queries, sequential
         self.leaf_lengths = leaf_lengths  # leaf reference -> its chunk length P + piece + S
         self.prefix, self.suffix, self.max_piece = prefix, suffix, max_piece
         self.peak_tokens = 0  # most tokens held in chunks at once (depth-first: O(chunk * height))
@@ -339,6 +360,8 @@ class Merger:
             r_chunk = self.run(right, height - 1, r_target)
             self._held -= l_chunk.length
         merged = l_chunk if r_chunk is None else merge(l_chunk, r_chunk)
+        if self.sequential:
+            merged = renumber(self.base, merged)
         self._note(merged.length)
         return run_layers(self.base, merged, self.schedule.level_layers(height), target, self.bias, self.window,
                           self.n_queries)

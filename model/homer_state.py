@@ -254,7 +254,8 @@ def answer_prefix(base, cfg: HomerConfig, states: list[HomerState], suffix_ids: 
     lengths = {(d, j): p + (e - b) + s for d, st in enumerate(states) for j, (b, e) in enumerate(st.ranges)}
     total = p + sum(len(st.token_ids) for st in states) + s
     n_queries = s if cfg.significance_query == "suffix" else 1
-    merger = Merger(base, schedule, bias, leaf, lengths, p, s, max_piece(cfg, p), cfg.keep_window, n_queries)
+    merger = Merger(base, schedule, bias, leaf, lengths, p, s, max_piece(cfg, p), cfg.keep_window, n_queries,
+                    cfg.positions == "sequential")
     padded = refs + [None] * (2**height - len(refs))
     chunk = merger.run(padded, height, min(cfg.target_tokens, total))
     if len(chunk.k) != base.config.n_layer:

@@ -11,7 +11,7 @@ import torch
 
 from model.config import ConfigError
 from model.generate import GenerationSettings, generate_tokens
-from model.homer import Chunk, HomerConfig, Schedule, keep_mask, merge, pieces, significance
+from model.homer import Chunk, HomerConfig, Schedule, keep_mask, merge, pieces, renumber, run_layers, significance
 from model.homer_calibration import _logits_by_distance, calibrate
 from model.homer_memory import HomerMemory
 from model.homer_state import HomerState, answer_prefix, encode_document
@@ -162,6 +162,41 @@ def test_stored_leaves_give_the_merge_of_leaves_computed_on_the_spot(base8):
     assert torch.equal(a.tok, b.tok) and torch.equal(a.doc, b.doc) and set(a.doc.tolist()) == {-1, 0, 1}
     for ka, kb in zip(a.prefix.k, b.prefix.k, strict=True):
         torch.testing.assert_close(ka, kb, atol=1e-5, rtol=1e-5)
+
+
+def _hidden_chunk(hidden, pos, prefix=4, suffix=3):
+    n = hidden.shape[0]
+    return Chunk(hidden.clone(), pos.clone(), [], [], torch.zeros(n, dtype=torch.long),
+                 torch.arange(n), prefix, suffix)
+
+
+def test_renumbering_rotates_the_keys_as_if_computed_at_the_new_positions(base8):
+    """A uniform shift keeps every relative position, so renumbering a chunk that ran at positions
+    100.. must give exactly the keys (and the next layers' outputs) of the same chunk run from 0."""
+    hidden = torch.randn(40, base8.config.dim)
+    shifted = run_layers(base8, _hidden_chunk(hidden, torch.arange(100, 140)), range(0, 3), 10**6, None)
+    at_zero = run_layers(base8, _hidden_chunk(hidden, torch.arange(40)), range(0, 3), 10**6, None)
+    renumber(base8, shifted)
+    assert torch.equal(shifted.pos, torch.arange(40))
+    for a, b in zip(shifted.k, at_zero.k, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    run_layers(base8, shifted, range(3, 5), 10**6, None)
+    run_layers(base8, at_zero, range(3, 5), 10**6, None)
+    torch.testing.assert_close(shifted.hidden, at_zero.hidden, atol=1e-4, rtol=1e-4)
+
+
+def test_sequential_positions_give_the_merged_cache_one_order_within_the_window(base8):
+    cfg_homer, cfg_seq = config(base8), config(base8, positions="sequential")
+    state = encode_document(base8, cfg_homer, PREFIX, random_ids(900, seed=5).tolist(), 0)
+    overlapping = answer_prefix(base8, cfg_homer, [state], SUFFIX, None)
+    ordered = answer_prefix(base8, cfg_seq, [state], SUFFIX, None)
+    # HOMER's pieces are each positioned from the prefix on: merged, their tokens share positions
+    assert overlapping.prefix.next_position < overlapping.prefix.length
+    # renumbered: the cache is positions 0..T-2 and generation continues right after it
+    assert ordered.prefix.next_position == ordered.prefix.length <= cfg_seq.chunk_tokens
+    assert ordered.doc.shape == overlapping.doc.shape  # the same tokens survive the reductions' counts
+    with pytest.raises(ConfigError, match="positions"):
+        HomerConfig(positions="absolute")
 
 
 def test_the_walk_is_depth_first_so_few_chunks_are_held_at_once(base8):
