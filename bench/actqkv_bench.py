@@ -105,31 +105,41 @@ def tile_state(state, n_tokens: int):
 
 
 def ttft_vs_length(run: Run, state, lengths: list[int], question: str) -> list[dict]:
-    """TTFT and decode speed of one question on states of each length, stored and memory-mapped from
-    a tensor store as the app reads them (the page cache is warm: the file was just written)."""
-    from app.services.engines import ActQKVEngine
-    from app.services.documents import DocumentContext, PageSpan
-    from model.block_state import BlockState
+    """TTFT and decode speed of questions on states of each length, stored and memory-mapped from a
+    tensor store as the app reads them (the page cache is warm: the file was just written). The first
+    question of a process hashes the file (sha256 against the recorded digest); later ones find it
+    verified (storage.TensorStore) and only map it: both are timed, the ratio is the later ones'."""
     from storage import TensorStore
 
     rows = []
     with run.scratch() as tmp:
         store = TensorStore(Path(tmp))
         for n in lengths:
-            tiled = tile_state(state, n)
-            saved = store.save(1, f"tiled-{n}", tiled.to_tensors())
-            t0 = time.perf_counter()
-            loaded = BlockState.from_tensors(store.load(saved.path, saved.sha256), state.config)
-            load_s = time.perf_counter() - t0
-            doc = DocumentContext(1, "tiled", [PageSpan(1, 0, n - state.doc_offset, "")], [])
-            doc.extra["actqkv"] = loaded
-            out = answer(run.lm, ActQKVEngine(), question, doc, run.max_new_tokens)
-            rows.append({"tokens": n, "load_s": load_s, "ttft_s": out["ttft_s"] + load_s,
-                         "decode_tps": out["decode_tps"], "bytes": saved.bytes})
-            log.info("actqkv tiled %d tokens: TTFT %.2f s (load %.2f s), decode %.1f tok/s", n, rows[-1]["ttft_s"],
-                     load_s, out["decode_tps"])
+            saved = store.save(1, f"tiled-{n}", tile_state(state, n).to_tensors())
+            time.sleep(store.SETTLED_S + 0.1)  # as a file ingested before the question: settled, so remembered
+            first = _tiled_question(run, store, saved, state, n, question)
+            later = _tiled_question(run, store, saved, state, n, question)
+            rows.append({"tokens": n, "bytes": saved.bytes, "first_load_s": first["load_s"],
+                         "first_ttft_s": first["ttft_s"], "load_s": later["load_s"], "ttft_s": later["ttft_s"],
+                         "decode_tps": later["decode_tps"]})
+            log.info("actqkv tiled %d tokens: TTFT %.2f s (load %.2f s; first question %.2f s, load %.2f s)", n,
+                     later["ttft_s"], later["load_s"], first["ttft_s"], first["load_s"])
             store.delete(saved.path)
     return rows
+
+
+def _tiled_question(run: Run, store, saved, state, n: int, question: str) -> dict:
+    from app.services.documents import DocumentContext, PageSpan
+    from app.services.engines import ActQKVEngine
+    from model.block_state import BlockState
+
+    t0 = time.perf_counter()
+    loaded = BlockState.from_tensors(store.load(saved.path, saved.sha256), state.config)
+    load_s = time.perf_counter() - t0
+    doc = DocumentContext(1, "tiled", [PageSpan(1, 0, n - state.doc_offset, "")], [])
+    doc.extra["actqkv"] = loaded
+    out = answer(run.lm, ActQKVEngine(), question, doc, run.max_new_tokens)
+    return {"load_s": load_s, "ttft_s": out["ttft_s"] + load_s, "decode_tps": out["decode_tps"]}
 
 
 def _acc(rows: list[dict]) -> float | None:
@@ -238,11 +248,13 @@ def run_actqkv(run: Run, lengths: list[int], depths: list[float], engines: tuple
         section.raw["tiled"] = tiled
         base_ttft = tiled[0]["ttft_s"]
         section.tables.append(Table(
-            ["state tokens", "stored MB", "load (mmap) s", "TTFT s", "TTFT / shortest", "decode tok/s"],
-            [[r["tokens"], r["bytes"] / 2**20, r["load_s"], r["ttft_s"], r["ttft_s"] / base_ttft, r["decode_tps"]]
-             for r in tiled],
+            ["state tokens", "stored MB", "first question: load s (sha256 + mmap)", "first question: TTFT s",
+             "load s (mmap)", "TTFT s", "TTFT / shortest", "decode tok/s"],
+            [[r["tokens"], r["bytes"] / 2**20, r["first_load_s"], r["first_ttft_s"], r["load_s"], r["ttft_s"],
+              r["ttft_s"] / base_ttft, r["decode_tps"]] for r in tiled],
             title=f"actqkv TTFT against document length: a real {min(lengths)}-token state tiled to each length "
-                  "(timing only), saved and memory-mapped as the app reads it"))
+                  "(timing only), saved and memory-mapped as the app reads it; the first question of a process "
+                  "verifies the file's sha256, later ones (TTFT, ratio) find it verified"))
     xs = lengths
     for name, title, ylabel, field in (("needle", "needle accuracy vs document length", "accuracy", "correct"),
                                        ("ttft", "TTFT vs document length (persisted state)", "seconds", "ttft_s"),

@@ -89,6 +89,11 @@ def joint_attention(q_local, k_local, v_local, q_global=None, k_global=None, v_g
     return out.reshape(nh, t, hd), local_received, newest
 
 
+# stored keys scored per piece: a piece's float copy stays in the CPU's cache (at 128K tokens the
+# whole pool's copy per layer was 2/3 of the scoring time)
+SCORE_TOKENS = 8192
+
+
 class BlockMemory:
     """The question-time memory of one generation over one or more documents' states.
 
@@ -96,7 +101,8 @@ class BlockMemory:
     never shared between concurrent requests; the attention mass for citations is the generation's
     own `attention_mass` (as for SharedLLM's `Memory`)."""
 
-    def __init__(self, base: Transformer, states: list[BlockState]) -> None:
+    def __init__(self, base: Transformer, states: list[BlockState],
+                 pinned: list[tuple[int, int]] | None = None) -> None:
         if not states:
             raise ValueError("BlockMemory needs at least one document state")
         self.cfg = cfg = states[0].config
@@ -135,6 +141,10 @@ class BlockMemory:
         self._max_blocks = max(st.n_blocks for st in states)
         self._src: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long)] * c.n_layer
         self._local_src = self._source_ids(len(states) - 1, torch.arange(self.w0, last.length))
+        # (document, block) pairs every layer reads first, best first (the engine's lexical matches);
+        # those outside the pool (init blocks, the local window) are read anyway
+        where = {entry: p for p, entry in enumerate(self.pool)}
+        self.pinned = torch.tensor([where[b] for b in dict.fromkeys(pinned or []) if b in where], dtype=torch.long)
 
     def _pool_reprs(self, layer: int) -> torch.Tensor:
         """The pool's representatives in pool order (each document's pool blocks are one range)."""
@@ -204,6 +214,11 @@ class BlockMemory:
             else:
                 scores = block_scores(probe, self.reprs[layer], self.groups, self.cfg.score)
             self._entropies[layer] = normalised_entropy(scores, self.cfg.entropy_temperature)
+            if self.pinned.numel():  # ranked above every scored block, in their given order
+                scores = scores.clone()
+                top = scores.max() + 1
+                scores[self.pinned.to(scores.device)] = top + torch.arange(self.pinned.numel(), 0, -1,
+                                                                           device=scores.device, dtype=scores.dtype)
             chosen = top_blocks(scores, self._shares[layer], self.cfg.span, self._follows)
         self.selected[layer] = chosen
         ks, vs = [], []
@@ -229,10 +244,11 @@ class BlockMemory:
     def _max_token_scores(self, layer: int, probe: torch.Tensor) -> torch.Tensor:
         """`max_token(_head)` scores of the pool, in pool order (each document's pool blocks are consecutive)."""
         B, parts = self.cfg.block_size, []
+        step = B * max(1, SCORE_TOKENS // B)
         for d, (lo, hi) in enumerate(self._pool_ranges):
-            if hi > lo:
-                st = self.states[d]
-                keys = st.k[layer].read(lo * B, min(hi * B, st.length)).to(self.device)
+            st = self.states[d]
+            for start in range(lo * B, min(hi * B, st.length), step):
+                keys = st.k[layer].read(start, min(start + step, hi * B, st.length)).to(self.device)
                 parts.append(max_token_scores(probe, keys, B, per_head=self.cfg.score == "max_token_head"))
         return torch.cat(parts)
 

@@ -66,6 +66,10 @@ class ActQKVConfig(KnobSet):
     # needle grid, docs/benchmarks.md "actqkv-head": 16K 1/3, 32K 0/3 against max_token's 1/3, 1/3)
     score: str = "max_token"
     state_dtype: str = "bfloat16"  # persisted K/V: bfloat16, float16, float32, or int8 (a scale per block)
+    # question time, beyond ActQKV: this many pool blocks whose text best matches the question's words
+    # (BM25 over two-block windows, chosen by the engine, which holds the text) are read by every layer
+    # before the attention-scored ones; 0: ActQKV's retrieval alone
+    lexical_blocks: int = 0
 
     def __post_init__(self) -> None:
         positive = ("block_size", "n_init", "n_local", "exec_block", "budget", "min_blocks", "max_blocks",
@@ -73,6 +77,11 @@ class ActQKVConfig(KnobSet):
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"actqkv {name} must be >= 1, got {getattr(self, name)}")
+        if self.lexical_blocks < 0:
+            raise ConfigError(f"actqkv lexical_blocks must be >= 0, got {self.lexical_blocks}")
+        if self.lexical_blocks > self.min_blocks:
+            raise ConfigError(f"actqkv lexical_blocks={self.lexical_blocks} exceeds min_blocks={self.min_blocks}: "
+                              "every layer must have room for the blocks it is given")
         if self.retrieval_interval < 0:
             raise ConfigError(f"actqkv retrieval_interval must be >= 0, got {self.retrieval_interval}")
         if self.n_init % self.block_size:
@@ -113,6 +122,7 @@ class ActQKVConfig(KnobSet):
         out = self.to_dict()
         out.pop("retrieval_interval")
         out.pop("probe")
+        out.pop("lexical_blocks")
         return out
 
     def fingerprint(self, checkpoint_hash: str, prompt_layout: str) -> str:
@@ -197,8 +207,11 @@ def max_token_scores(probe: torch.Tensor, keys: torch.Tensor, block_size: int, p
     `per_head`, the largest over heads: one head that finds the token is enough)."""
     nkv, length, hd = keys.shape
     q = probe.float().view(nkv, -1, hd).to(keys.device)  # (nkv, g, hd)
-    per = q @ keys.float().transpose(1, 2)  # (nkv, g, S)
-    logits = (per.amax(dim=(0, 1)) if per_head else per.mean(1).sum(0) / nkv) / hd**0.5  # (S,)
+    if per_head:
+        logits = (q @ keys.float().transpose(1, 2)).amax(dim=(0, 1)) / hd**0.5  # (S,)
+    else:  # the mean over a group's heads of q.k is its mean query's dot product: one (S, hd) product per KV head
+        q_mean = q.mean(1)  # (nkv, hd)
+        logits = sum(keys[h].float() @ q_mean[h] for h in range(nkv)) / (nkv * hd**0.5)
     n = -(-length // block_size)
     padded = logits.new_full((n * block_size,), float("-inf"))
     padded[:length] = logits

@@ -130,8 +130,9 @@ class LoadedModel:
         """ActQKV's persisted state of one document stream (model/actqkv_encode.py, model/block_state.py)."""
         return encode_stream(self.model.base, stream_ids, self.actqkv, doc_offset, progress)
 
-    def block_memory(self, states: list[BlockState]) -> BlockMemory:
-        return BlockMemory(self.model.base, states)
+    def block_memory(self, states: list[BlockState], pinned: list[tuple[int, int]] | None = None) -> BlockMemory:
+        """The question-time memory over `states`; `pinned` (document, block) pairs are read by every layer."""
+        return BlockMemory(self.model.base, states, pinned)
 
     def actqkv_fingerprint(self, prompt_layout: str) -> str:
         """Identity of a stored ActQKV state: checkpoint, compute dtype, knobs, prompt layout."""

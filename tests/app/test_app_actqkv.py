@@ -144,3 +144,22 @@ def test_the_chat_shows_progress_while_a_state_is_built_on_first_use(small_ctx, 
     chat.take_question("And lot 3?", request)
     again = list(chat.ask(frames[-1][1], [doc], "actqkv", 8, 0.0, request))
     assert not [f for f in again if "block memory" in str(f[4])]  # stored: no second reading
+
+
+def test_lexical_blocks_are_the_blocks_whose_words_match_the_question(tiny_model):
+    """BM25 over two-block windows: a fact cut by a block boundary still ranks, both its blocks given."""
+    from app.services.engines import lexical_blocks
+    from model.actqkv_encode import encode_stream
+
+    words = [f"filler{i % 7} text" for i in range(300)]
+    words[150] = "The warehouse in Ghent keeps lot"  # spans several tokens: may cross a block boundary
+    text = " ".join(words)
+    cfg = dataclasses.replace(SMALL, lexical_blocks=4, min_blocks=4, budget=4)
+    state = encode_stream(tiny_model.model.base, tiny_model.tokenize(text), cfg, doc_offset=0)
+    blocks = lexical_blocks(tiny_model, [state], "Which lot does the Ghent warehouse keep?", 4)
+    assert 1 <= len(blocks) <= 4 and all(d == 0 for d, _ in blocks)
+    best = blocks[0][1]
+    window = tiny_model.tokenizer.decode(state.token_ids[best * 16:(best + 2) * 16])
+    assert "Ghent" in window
+    assert lexical_blocks(tiny_model, [state], "zzz qqq", 4) == []  # no word in common: nothing pinned
+    assert lexical_blocks(tiny_model, [state], "Ghent", 0) == []

@@ -29,6 +29,7 @@ def test_every_depth_gets_its_own_needle_and_the_section_is_written(tmp_path, mo
     assert raw["speed"][0]["bytes_per_token"] > 0 and raw["speed"][0]["full_prefix_tokens"] > 0
     tiled = raw["tiled"]
     assert [r["tokens"] for r in tiled] == [400, 1600] and all(r["ttft_s"] > 0 for r in tiled)
+    assert all(r["first_load_s"] >= 0 and r["first_ttft_s"] > 0 for r in tiled)
     assert "TTFT / shortest" in written
 
 

@@ -27,8 +27,8 @@ from model.testing import random_ids
 SMALL = dict(block_size=16, n_init=16, exec_block=32, budget=4, min_blocks=1, max_blocks=8, state_dtype="float32")
 
 
-def _answer_logits(base, state_list, suffix):
-    memory = BlockMemory(base, state_list)
+def _answer_logits(base, state_list, suffix, pinned=None):
+    memory = BlockMemory(base, state_list, pinned)
     cache = base.new_cache(1, 2048)
     prefix = memory.local_prefix()
     for layer, k, v in zip(cache, prefix.k, prefix.v, strict=True):
@@ -81,6 +81,22 @@ def test_long_streams_retrieve_within_the_budget_and_a_full_budget_takes_every_b
     state = encode_stream(tiny_base, ids, wide)
     _, memory = _answer_logits(tiny_base, [state], [1, 2, 3])
     assert all(torch.equal(s, torch.arange(len(memory.pool))) for s in memory.selected)
+
+
+def test_pinned_blocks_are_read_by_every_layer_before_the_scored_ones(tiny_base):
+    cfg = ActQKVConfig(**{**SMALL, "n_local": 64, "min_blocks": 2, "lexical_blocks": 2})
+    state = encode_stream(tiny_base, random_ids(700, seed=3).tolist(), cfg, doc_offset=4)
+    _, plain = _answer_logits(tiny_base, [state], [5, 6, 7])
+    # two blocks no layer chose by attention alone (the init block and the local window's are not in the pool)
+    chosen = set().union(*(set(s.tolist()) for s in plain.selected))
+    unread = [j for p, (_, j) in enumerate(plain.pool) if p not in chosen][:2]
+    assert len(unread) == 2
+    pins = [(0, unread[0]), (0, 0), (0, unread[1]), (0, unread[0])]  # an init block and a repeat: ignored
+    _, pinned = _answer_logits(tiny_base, [state], [5, 6, 7], pinned=pins)
+    for selected in pinned.selected:
+        read = {pinned.pool[int(p)][1] for p in selected}
+        assert set(unread) <= read and len(selected) >= 2  # within the layer's share, not beside it
+    assert [s.numel() for s in pinned.selected] == [s.numel() for s in plain.selected]
 
 
 def test_several_documents_form_one_memory_and_citations_name_document_tokens(tiny_base):
@@ -242,7 +258,9 @@ def test_the_config_is_validated_and_its_fingerprint_covers_the_encoding_knobs()
         ActQKVConfig().check_window(2048)
     base = ActQKVConfig().fingerprint("ckpt", "v1")
     assert ActQKVConfig(block_size=32).fingerprint("ckpt", "v1") != base
-    assert ActQKVConfig(retrieval_interval=1, probe="mean").fingerprint("ckpt", "v1") == base  # read-time only
+    assert ActQKVConfig(retrieval_interval=1, probe="mean", lexical_blocks=4).fingerprint("ckpt", "v1") == base  # read-time
+    with pytest.raises(ConfigError, match="lexical_blocks"):
+        ActQKVConfig(lexical_blocks=9, min_blocks=8)
     assert ActQKVConfig(encode_probe="mean").fingerprint("ckpt", "v1") != base
     assert ActQKVConfig().fingerprint("other", "v1") != base and ActQKVConfig().fingerprint("ckpt", "v2") != base
     assert ActQKVConfig.from_dict(ActQKVConfig(budget=30).to_dict()) == ActQKVConfig(budget=30)
