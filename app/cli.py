@@ -359,9 +359,14 @@ def cmd_ask(args, settings, out):
         bars: list[Any] = []
 
         def progress(stage: str, done: int, total: int) -> None:
-            """An engine's per-document state built on its first use (e.g. actqkv's): a bar on stderr."""
+            """A bar on stderr per stage: an engine's per-document state built on its first use (e.g.
+            actqkv's blocks), homer's merges before its first token."""
+            desc = "homer merges" if stage == "merge" else f"{stage} (first use)"
+            if bars and bars[0].desc != desc:
+                bars.pop().close()
             if not bars:
-                bars.append(tqdm(total=total, desc=f"{stage} (first use)", unit="block", file=sys.stderr))
+                bars.append(tqdm(total=total, desc=desc, unit="merge" if stage == "merge" else "step",
+                                 file=sys.stderr))
             bars[0].n = done
             bars[0].refresh()
 

@@ -322,14 +322,27 @@ def _row(bias: torch.Tensor | None, layer: int) -> torch.Tensor | None:
 LeafFn = Callable[[object, int, int], Chunk]
 
 
+def count_merges(refs: list) -> int:
+    """The merge levels `Merger` runs over `refs`: one per inner node, a node whose right side is
+    padding included (it runs its level over the left chunk alone)."""
+    if len(refs) == 1:
+        return 0
+    half = len(refs) // 2
+    right = 0 if refs[half] is None else count_merges(refs[half:])
+    return 1 + count_merges(refs[:half]) + right
+
+
 class Merger:
     """The depth-first walk of one question's merge tree (HOMER's `_merge`, with its targets)."""
 
     def __init__(self, base, schedule: Schedule, bias: torch.Tensor | None, leaf: LeafFn,
                  leaf_lengths: dict, prefix: int, suffix: int, max_piece: int, window: int = 0,
-                 n_queries: int = 1, sequential: bool = False) -> None:
+                 n_queries: int = 1, sequential: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> None:
         self.base, self.schedule, self.bias, self.leaf, self.window = base, schedule, bias, leaf, window
         self.n_queries, self.sequential = n_queries, sequential
+        # progress(merges done, merges in the tree): the merges are the question's minutes on a CPU
+        self.progress, self.merges_done, self.merges_total = progress, 0, 0
         self.leaf_lengths = leaf_lengths  # leaf reference -> its chunk length P + piece + S
         self.prefix, self.suffix, self.max_piece = prefix, suffix, max_piece
         self.peak_tokens = 0  # most tokens held in chunks at once (depth-first: O(chunk * height))
@@ -340,6 +353,12 @@ class Merger:
         return self.prefix + self.max_piece + self.suffix
 
     def run(self, refs: list, height: int, target: int) -> Chunk:
+        """The reduced chunk of the subtree over `refs` (leaf references, None for padding)."""
+        if not self.merges_total:
+            self.merges_total = count_merges(refs)
+        return self._run(refs, height, target)
+
+    def _run(self, refs: list, height: int, target: int) -> Chunk:
         if len(refs) == 1:
             chunk = self.leaf(refs[0], self.schedule.leaf_end, target)
             self._note(chunk.length)
@@ -347,7 +366,7 @@ class Merger:
         half = len(refs) // 2
         left, right = refs[:half], refs[half:]
         if right[0] is None:  # padding: the left subtree alone, reduced to a chunk's length at most
-            l_chunk, r_chunk = self.run(left, height - 1, self.max_len), None
+            l_chunk, r_chunk = self._run(left, height - 1, self.max_len), None
         else:
             default = self.prefix + self.max_piece // 2 + self.suffix
             r_len = self.leaf_lengths[right[0]]
@@ -355,16 +374,20 @@ class Merger:
                 r_target, l_target = r_len, self.max_len - (r_len - self.prefix - self.suffix)
             else:
                 r_target = l_target = default
-            l_chunk = self.run(left, height - 1, l_target)
+            l_chunk = self._run(left, height - 1, l_target)
             self._held += l_chunk.length
-            r_chunk = self.run(right, height - 1, r_target)
+            r_chunk = self._run(right, height - 1, r_target)
             self._held -= l_chunk.length
         merged = l_chunk if r_chunk is None else merge(l_chunk, r_chunk)
         if self.sequential:
             merged = renumber(self.base, merged)
         self._note(merged.length)
-        return run_layers(self.base, merged, self.schedule.level_layers(height), target, self.bias, self.window,
-                          self.n_queries)
+        out = run_layers(self.base, merged, self.schedule.level_layers(height), target, self.bias, self.window,
+                         self.n_queries)
+        self.merges_done += 1
+        if self.progress is not None:
+            self.progress(self.merges_done, self.merges_total)
+        return out
 
     def _note(self, length: int) -> None:
         self.peak_tokens = max(self.peak_tokens, self._held + length)

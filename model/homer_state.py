@@ -226,8 +226,9 @@ class HomerPrefix:
 
 @torch.no_grad()
 def answer_prefix(base, cfg: HomerConfig, states: list[HomerState], suffix_ids: list[int],
-                  bias: torch.Tensor | None) -> HomerPrefix:
-    """The question-time HOMER run over the documents' leaves (one tree over all their pieces)."""
+                  bias: torch.Tensor | None, progress: Callable[[int, int], None] | None = None) -> HomerPrefix:
+    """The question-time HOMER run over the documents' leaves (one tree over all their pieces);
+    `progress(merges done, merges)` after each merge level."""
     if not states:
         raise ValueError("HOMER needs at least one document")
     prefix_ids = states[0].prefix_ids
@@ -255,7 +256,7 @@ def answer_prefix(base, cfg: HomerConfig, states: list[HomerState], suffix_ids: 
     total = p + sum(len(st.token_ids) for st in states) + s
     n_queries = s if cfg.significance_query == "suffix" else 1
     merger = Merger(base, schedule, bias, leaf, lengths, p, s, max_piece(cfg, p), cfg.keep_window, n_queries,
-                    cfg.positions == "sequential")
+                    cfg.positions == "sequential", progress)
     padded = refs + [None] * (2**height - len(refs))
     chunk = merger.run(padded, height, min(cfg.target_tokens, total))
     if len(chunk.k) != base.config.n_layer:

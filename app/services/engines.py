@@ -15,6 +15,7 @@ import threading
 import time
 from array import array
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -63,8 +64,9 @@ class Engine(Protocol):
     needs_tree: bool
 
     def prepare(
-        self, lm: Any, question: str, docs: list[DocumentContext], history: list[dict[str, str]]
-    ) -> Prepared: ...
+        self, lm: Any, question: str, docs: list[DocumentContext], history: list[dict[str, str]],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Prepared: ...  # progress(done, total): work before the first token that takes long (homer's merges)
 
     def citations(
         self, lm: Any, docs: list[DocumentContext], prepared: Prepared, result: Any, k: int
@@ -108,7 +110,7 @@ class SharedLLMEngine:
     summary = "the method (tree retrieval + cross-attention)"
     needs_tree = True
 
-    def prepare(self, lm, question, docs, history):
+    def prepare(self, lm, question, docs, history, progress=None):
         t0 = time.perf_counter()
         memory = lm.build_memory([d.tree for d in docs], question=question)
         retrieval_s = time.perf_counter() - t0
@@ -161,7 +163,7 @@ class FullContextEngine:
     summary = "document in the prompt"
     needs_tree = False
 
-    def prepare(self, lm, question, docs, history):
+    def prepare(self, lm, question, docs, history, progress=None):
         t0 = time.perf_counter()
         budget = max(256, _window(lm) - 512 - 64 * HISTORY_BUDGET_TURNS)  # room for the answer and the chat
         per_doc = budget // max(1, len(docs))
@@ -324,7 +326,7 @@ class RagEngine:
     needs_tree = False
     top_k = 4
 
-    def prepare(self, lm, question, docs, history):
+    def prepare(self, lm, question, docs, history, progress=None):
         import bm25s
 
         t0 = time.perf_counter()
@@ -371,7 +373,7 @@ class ActQKVEngine:
     needs_tree = False
     state_kind = "actqkv"  # the QA service loads or builds each document's state first
 
-    def prepare(self, lm, question, docs, history):
+    def prepare(self, lm, question, docs, history, progress=None):
         t0 = time.perf_counter()
         states = [doc.extra.get("actqkv") or lm.encode_blocks(*document_stream(lm, doc)) for doc in docs]
         memory = lm.block_memory(states, lexical_blocks(lm, states, question, states[0].config.lexical_blocks))
@@ -397,11 +399,11 @@ class HomerEngine:
     # what the chat says until the first token: past the window the merge takes minutes on a CPU
     waiting = "Merging the documents for this question (HOMER; minutes past the model's window on a CPU)…"
 
-    def prepare(self, lm, question, docs, history):
+    def prepare(self, lm, question, docs, history, progress=None):
         t0 = time.perf_counter()
         states = [doc.extra.get("homer") or lm.encode_homer(*homer_stream(lm, doc)) for doc in docs]
         _, tail = around_documents(lm, question, history)
-        result, memory = lm.homer_prefix(states, lm.tokenize(tail))
+        result, memory = lm.homer_prefix(states, lm.tokenize(tail), progress)
         messages = with_documents_first(f"[{len(docs)} document(s) merged by HOMER]", question, history)
         notes = {"homer_input_tokens": result.input_tokens, "homer_cache_tokens": result.prefix.length + 1}
         if result.leaves_computed:

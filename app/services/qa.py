@@ -139,8 +139,9 @@ class QAService:
         settings: AnswerSettings,
         progress: Callable[[str, int, int], None] | None = None,
     ) -> Iterator[Asked | str | Answer]:
-        """`progress(stage, done, total)` reports work done before the first token (an engine's
-        per-document state built on first use)."""
+        """`progress(stage, done, total)` reports work done before the first token: an engine's
+        per-document state built on first use (stage: the state's kind, or "calibration"), and homer's
+        merge levels ("merge")."""
         t_start = time.perf_counter()
         question = question.strip()
         if not question:
@@ -164,7 +165,8 @@ class QAService:
         try:
             if kind and self._states is not None:
                 self._states.ensure(kind, lm, docs, progress)  # built and persisted on first use
-            prepared = impl.prepare(lm, question, docs, history)
+            merging = (lambda done, total: progress("merge", done, total)) if progress else None
+            prepared = impl.prepare(lm, question, docs, history, merging)
         except ModelConfigError as exc:  # e.g. documents beyond what the engine's settings can read
             raise BadRequest(f"{engine} cannot read these documents: {exc}") from None
         if impl.needs_tree and not lm.weights_trained:

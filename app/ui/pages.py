@@ -22,6 +22,7 @@ from app.services.engines import ENGINES
 from app.services.qa import Answer, AnswerSettings, Asked
 from app.ui import render
 from app.ui.access import ExportLinks, UploadRegistry
+from app.ui.background import Progress, in_background
 
 logger = logging.getLogger(__name__)
 
@@ -380,9 +381,14 @@ class ChatPage(Pages):
         try:
             for status in self._prepare_states(owner, [int(i) for i in document_ids or []], engine):
                 yield history, conversation_id, gr.update(), gr.update(), status, gr.update()
-            for item in self.ctx.qa.answer(
-                owner, question, [int(i) for i in document_ids or []], conversation_id, engine, settings
-            ):
+            for item in in_background(lambda report: self.ctx.qa.answer(
+                owner, question, [int(i) for i in document_ids or []], conversation_id, engine, settings,
+                progress=report), "answer"):
+                if isinstance(item, Progress):  # homer's merge levels, the minutes before its first token
+                    stage, done, total = item
+                    if stage == "merge":
+                        yield history, conversation_id, gr.update(), gr.update(), merge_status(done, total), gr.update()
+                    continue
                 if isinstance(item, Asked):  # stored: a question queued behind this one continues it
                     conversation_id = item.conversation
                     waiting = getattr(ENGINES.get(engine), "waiting", "Thinking…")  # an engine's own words
@@ -416,28 +422,15 @@ class ChatPage(Pages):
         (actqkv: minutes for a long PDF on a CPU), so the chat does not sit on "Thinking…" silently."""
         if not getattr(ENGINES.get(engine), "state_kind", None):
             return
-        events: queue.Queue = queue.Queue()
 
-        def work() -> None:
-            try:
-                for n, doc_id in enumerate(document_ids, 1):
-                    self.ctx.qa.warm_engine_state(
-                        owner, doc_id, engine, lambda stage, done, total, n=n: events.put((n, stage, done, total)))
-                events.put(None)
-            except Exception as exc:  # ServiceError (not found, not ready) reaches the user as is
-                events.put(exc)
+        def work(report):
+            for n, doc_id in enumerate(document_ids, 1):
+                yield self.ctx.qa.warm_engine_state(
+                    owner, doc_id, engine, lambda stage, done, total, n=n: report(n, stage, done, total))
 
-        threading.Thread(target=work, daemon=True, name="prepare-states").start()
-        while (event := events.get()) is not None:
-            if isinstance(event, Exception):
-                raise event
-            n, stage, done, total = event
-            if stage == "calibration":
-                yield f"Calibrating {engine} for this model (once, then stored)…"
-                continue
-            what, unit = ("block memory", "blocks") if engine == "actqkv" else ("stored leaves", "pieces")
-            yield (f"Reading document {n} of {len(document_ids)} into {engine}'s {what} (first use, "
-                   f"then stored): {done}/{total} {unit}")
+        for event in in_background(work, "prepare-states"):
+            if isinstance(event, Progress):
+                yield state_status(engine, len(document_ids), *event)
 
     def show_page(self, key: str | None, request: gr.Request) -> str:
         if not key:
@@ -463,3 +456,16 @@ class ChatPage(Pages):
 
         handler.__name__ = f"export_{fmt}"
         return handler
+
+
+def state_status(engine: str, n_docs: int, n: int, stage: str, done: int, total: int) -> str:
+    """The chat's line while document n of n_docs gets `engine`'s state built on first use."""
+    if stage == "calibration":
+        return f"Calibrating {engine} for this model (once, then stored)…"
+    what, unit = ("block memory", "blocks") if engine == "actqkv" else ("stored leaves", "pieces")
+    return f"Reading document {n} of {n_docs} into {engine}'s {what} (first use, then stored): {done}/{total} {unit}"
+
+
+def merge_status(done: int, total: int) -> str:
+    """The chat's line while homer merges the documents for a question."""
+    return f"Merging the documents for this question (HOMER): {done} of {total} merges done…"

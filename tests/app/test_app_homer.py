@@ -126,6 +126,9 @@ def test_the_chat_shows_the_calibration_and_the_leaves_while_they_are_built(smal
     reading = [s for s in statuses if "stored leaves" in s]
     done, total = reading[-1].rsplit(": ", 1)[1].split()[0].split("/")
     assert done == total and int(total) > 1  # per piece, to the end
+    merging = [s for s in statuses if "merges done" in s]  # then the question's merges, one line each
+    assert merging and [m.split(": ")[1] for m in merging] == [f"{i} of {len(merging)} merges done…"
+                                                               for i in range(1, len(merging) + 1)]
     chat.take_question("And lot 3?", request)
     again = [str(f[4]) for f in chat.ask(None, [doc], "homer", 8, 0.0, request)]
     assert not [s for s in again if "stored leaves" in s or "Calibrating" in s]  # both stored: no second build

@@ -11,7 +11,7 @@ import torch
 
 from model.config import ConfigError
 from model.generate import GenerationSettings, generate_tokens
-from model.homer import Chunk, HomerConfig, Schedule, keep_mask, merge, pieces, renumber, run_layers, significance
+from model.homer import Chunk, HomerConfig, Schedule, count_merges, keep_mask, merge, pieces, renumber, run_layers, significance
 from model.homer_calibration import _logits_by_distance, calibrate
 from model.homer_memory import HomerMemory
 from model.homer_state import HomerState, answer_prefix, encode_document
@@ -204,7 +204,11 @@ def test_the_walk_is_depth_first_so_few_chunks_are_held_at_once(base8):
     ctx = random_ids(3500, seed=8).tolist()
     state = encode_document(base8, cfg, PREFIX, ctx, 0)
     assert len(state.ranges) == 16
-    result = answer_prefix(base8, cfg, [state], SUFFIX, None)
+    reports = []
+    result = answer_prefix(base8, cfg, [state], SUFFIX, None, progress=lambda *a: reports.append(a))
+    assert reports == [(i, 15) for i in range(1, 16)]  # 16 leaves: 15 merges, each reported once
+    # padding: a node whose right side is padding still runs its level over the left chunk
+    assert count_merges([1, 2, 3, None]) == 3 and count_merges([1, 2, 3, 4, 5, None, None, None]) == 6
     # one reduced chunk per level below the current one, plus the one being built: about height
     # chunks, not the 16 leaves of a breadth-first walk
     assert result.peak_tokens <= (4 + 1) * cfg.chunk_tokens < result.input_tokens
