@@ -10,7 +10,8 @@ from starlette.middleware import Middleware
 from app.services.context import AppContext
 from app.ui.access import AccessGuard, ExportLinks, LoginThrottle, UploadRegistry
 from app.ui.api import Api
-from app.ui.pages import AccountBar, ChatPage, LibraryPage, SettingsPage
+from app.ui.chat_page import ChatPage
+from app.ui.pages import AccountBar, LibraryPage, SettingsPage
 
 CSS = """
 .upload-progress { width: 100%; border-collapse: collapse; }

@@ -127,7 +127,7 @@ def test_the_chat_shows_progress_while_a_state_is_built_on_first_use(small_ctx, 
     from types import SimpleNamespace
 
     from app.ui.access import ExportLinks
-    from app.ui.pages import ChatPage
+    from app.ui.chat_page import ChatPage
 
     ctx = small_ctx
     owner = ctx.auth.local_user().id

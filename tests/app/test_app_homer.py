@@ -113,7 +113,7 @@ def test_the_chat_shows_the_calibration_and_the_leaves_while_they_are_built(smal
     from types import SimpleNamespace
 
     from app.ui.access import ExportLinks
-    from app.ui.pages import ChatPage
+    from app.ui.chat_page import ChatPage
 
     ctx = small_ctx
     owner = ctx.auth.local_user().id

@@ -7,7 +7,8 @@ import pytest
 
 from app.ui import render
 from app.ui.access import ExportLinks, UploadRegistry
-from app.ui.pages import ChatPage, LibraryPage
+from app.ui.chat_page import ChatPage
+from app.ui.pages import LibraryPage
 
 LOCAL = SimpleNamespace(username=None, session_hash="page-1")  # single-user mode request
 
