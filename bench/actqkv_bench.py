@@ -142,12 +142,20 @@ def _tiled_question(run: Run, store, saved, state, n: int, question: str) -> dic
     return {"load_s": load_s, "ttft_s": out["ttft_s"] + load_s, "decode_tps": out["decode_tps"]}
 
 
+def _of(row: dict, stats: dict) -> bool:
+    """Whether a question's row belongs to the document of `stats` (its length and its depths)."""
+    return row["length"] == stats["length"] and row["depth"] in stats.get("depths", [row["depth"]])
+
+
 def _acc(rows: list[dict]) -> float | None:
     return sum(r["correct"] for r in rows) / len(rows) if rows else None
 
 
 def run_actqkv(run: Run, lengths: list[int], depths: list[float], engines: tuple[str, ...],
-               tiled_lengths: list[int] | None = None, key: str = "actqkv"):
+               tiled_lengths: list[int] | None = None, key: str = "actqkv", single_needle: bool = False):
+    """The grid: per length one document holding a needle per depth (each question has the other
+    needles as distractors), or with `single_needle` one document per depth holding its needle alone
+    (the classic needle in a haystack: what the engine finds, apart from telling needles apart)."""
     from app.services.engines import get_engine
     from app.services.prompt_layout import document_stream, homer_stream
     from bench.evalset import contains_match
@@ -164,11 +172,12 @@ def run_actqkv(run: Run, lengths: list[int], depths: list[float], engines: tuple
         lm.homer_bias = lm.calibrate_homer()
         calibration_s = time.perf_counter() - t0
         log.info("homer: calibration in %.0f s", calibration_s)
-    for n in lengths:
-        text, items = needle_document(lm, n, depths)
+    grid = [(n, d) for n in lengths for d in ([[x] for x in depths] if single_needle else [depths])]
+    for n, doc_depths in grid:
+        text, items = needle_document(lm, n, doc_depths)
         doc, _ = document_context(lm, split_pages(text), "haystack", with_tree=False)
         tokens = len(doc.token_ids)
-        stats = {"length": n, "tokens": tokens}
+        stats = {"length": n, "tokens": tokens, "depths": list(doc_depths)}
         if "actqkv" in engines:
             t0 = time.perf_counter()
             state = lm.encode_blocks(*document_stream(lm, doc))
@@ -210,19 +219,20 @@ def run_actqkv(run: Run, lengths: list[int], depths: list[float], engines: tuple
                   for e in engines),
                 *(_acc([r for r in rows if r["length"] == n and r["engine"] == e]) for e in engines)]
                for n in lengths],
-              title="needle in a real-text haystack, one needle per depth, each asked separately (contains-match)"),
+              title="needle in a real-text haystack, " + ("one document per depth, its needle alone"
+                     if single_needle else "one needle per depth, each asked separately") + " (contains-match)"),
         Table(["length", "doc tokens", "actqkv encode tokens/s", "actqkv bytes/token", "full prefix s (tokens)",
                *(f"{e} TTFT s" for e in engines), *(f"{e} decode tok/s" for e in engines)],
               [[s["length"], s["tokens"], s.get("encode_tps"), s.get("bytes_per_token"),
                 f"{s['full_prefix_s']:.0f} ({s['full_prefix_tokens']})" if "full_prefix_s" in s else None,
-                *(_mean([r["ttft_s"] for r in rows if r["length"] == s["length"] and r["engine"] == e]) for e in engines),
-                *(_mean([r["decode_tps"] for r in rows if r["length"] == s["length"] and r["engine"] == e])
+                *(_mean([r["ttft_s"] for r in rows if _of(r, s) and r["engine"] == e]) for e in engines),
+                *(_mean([r["decode_tps"] for r in rows if _of(r, s) and r["engine"] == e])
                   for e in engines)]
                for s in speed],
               title="speed: encoding once per document, then per question from the persisted state"),
         Table(["length", "doc tokens", *(f"{e} peak RSS MB" for e in engines)],
               [[s["length"], s["tokens"],
-                *(_mean([r["peak_rss_mb"] for r in rows if r["length"] == s["length"] and r["engine"] == e])
+                *(_mean([r["peak_rss_mb"] for r in rows if _of(r, s) and r["engine"] == e])
                   for e in engines)] for s in speed],
               title="peak resident memory of the process while answering (mean over the questions; the model's "
                     "weights and the loaded state included)"),
@@ -232,11 +242,11 @@ def run_actqkv(run: Run, lengths: list[int], depths: list[float], engines: tuple
             ["length", "doc tokens", "leaves", "encode tokens/s", "stored bytes/token", "merge s (stored leaves)",
              "merge s recomputing the leaves", "saved", "cache tokens", "peak GPU MB"],
             [[s["length"], s["tokens"], s["homer_pieces"], s["homer_encode_tps"], s["homer_bytes_per_token"],
-              merge := _mean([r["prepare_s"] for r in rows if r["length"] == s["length"] and r["engine"] == "homer"]),
+              merge := _mean([r["prepare_s"] for r in rows if _of(r, s) and r["engine"] == "homer"]),
               s["homer_encode_s"] + merge if merge is not None else None,
               1 - merge / (s["homer_encode_s"] + merge) if merge else None,
-              _mean([r.get("homer_cache_tokens", 0) for r in rows if r["length"] == s["length"] and r["engine"] == "homer"]),
-              _mean([r["peak_gpu_mb"] for r in rows if r["length"] == s["length"] and r["engine"] == "homer"
+              _mean([r.get("homer_cache_tokens", 0) for r in rows if _of(r, s) and r["engine"] == "homer"]),
+              _mean([r["peak_gpu_mb"] for r in rows if _of(r, s) and r["engine"] == "homer"
                      and "peak_gpu_mb" in r])]
              for s in speed],
             title="homer per question: the merge from the stored leaves against recomputing them as well "

@@ -33,6 +33,17 @@ def test_every_depth_gets_its_own_needle_and_the_section_is_written(tmp_path, mo
     assert "TTFT / shortest" in written
 
 
+def test_single_needle_documents_hold_one_needle_each(tmp_path, model_data_dir):
+    lm = tiny_loaded_model(model_data_dir)
+    md = tmp_path / "benchmarks.md"
+    run = Run(lm=lm, command="test", md_path=md, img_dir=tmp_path / "img", raw_dir=tmp_path / "raw", max_new_tokens=3)
+    run_actqkv(run, [300], [0.3, 0.7], ("actqkv",), single_needle=True)
+    raw = json.loads((tmp_path / "raw" / "actqkv.json").read_text())["raw"]
+    assert [s["depths"] for s in raw["speed"]] == [[0.3], [0.7]]  # a document per depth, encoded apiece
+    assert [r["depth"] for r in raw["needle"]] == [0.3, 0.7]
+    assert "one document per depth, its needle alone" in md.read_text()
+
+
 def test_a_tiled_state_has_the_requested_length_and_consistent_blocks(model_data_dir):
     from bench.actqkv_bench import tile_state
     from model.actqkv_encode import encode_stream
