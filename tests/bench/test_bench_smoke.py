@@ -24,6 +24,7 @@ def test_bench_smoke_writes_tables_and_plots(tmp_path, model_data_dir):
         raw = json.loads((tmp_path / "docs" / "results" / f"{key}-smoke.json").read_text())
         assert raw["machine"] and raw["command"].startswith("python -m bench smoke")
     assert "| 256 | sharedllm / full |" in text and "| 256 | sharedllm / rag |" in text  # ratios, pair by pair
+    assert "acc, evidence past the" in text  # real-PDF QA also split at the model's window
     for name in ("speed-ttft", "speed-memory", "model-query-time", "quality-needle", "quality-qa"):
         png = tmp_path / "docs" / "img" / f"{name}-smoke.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
