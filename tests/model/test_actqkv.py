@@ -258,9 +258,9 @@ def test_the_config_is_validated_and_its_fingerprint_covers_the_encoding_knobs()
         ActQKVConfig().check_window(2048)
     base = ActQKVConfig().fingerprint("ckpt", "v1")
     assert ActQKVConfig(block_size=32).fingerprint("ckpt", "v1") != base
-    assert ActQKVConfig(retrieval_interval=1, probe="mean", lexical_blocks=4).fingerprint("ckpt", "v1") == base  # read-time
+    assert ActQKVConfig(retrieval_interval=1, probe="mean", lexical_blocks=0).fingerprint("ckpt", "v1") == base  # read-time
     with pytest.raises(ConfigError, match="lexical_blocks"):
-        ActQKVConfig(lexical_blocks=9, min_blocks=8)
+        ActQKVConfig(lexical_blocks=-1)
     assert ActQKVConfig(encode_probe="mean").fingerprint("ckpt", "v1") != base
     assert ActQKVConfig().fingerprint("other", "v1") != base and ActQKVConfig().fingerprint("ckpt", "v2") != base
     assert ActQKVConfig.from_dict(ActQKVConfig(budget=30).to_dict()) == ActQKVConfig(budget=30)
