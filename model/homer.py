@@ -75,7 +75,8 @@ class HomerConfig(KnobSet):
     # the positions of a merged chunk: "homer" (each piece keeps its own from 0, so two merged pieces'
     # tokens share positions, as HOMER does) or "sequential" (renumbered 0..T-1 in reading order at
     # every merge, every lower layer's keys re-rotated to match: the merged cache reads like one
-    # shorter document, its order intact, within the window since T <= the chunk length)
+    # shorter document, its order intact, within the window since T <= the chunk length). Measured on
+    # the needle grid (docs/benchmarks.md, "homer-seq"): 32K 1/3 against 2/3, 64K 1/3 against 1/3
     positions: str = "homer"
     calibration_tokens: int = 4096  # calibration window: biases measured for distances up to it
     calibration_windows: int = 2
