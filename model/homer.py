@@ -239,8 +239,9 @@ def renumber(base, chunk: Chunk) -> Chunk:
     delta = new - chunk.pos
     if bool((delta == 0).all()):
         return chunk
-    cos, sin = base.rope(delta, chunk.k[0].dtype) if chunk.k else (None, None)
-    chunk.k = [apply_rope(k, cos.to(k.dtype), sin.to(k.dtype)) for k in chunk.k]
+    if chunk.k:
+        cos, sin = base.rope(delta, chunk.k[0].dtype)
+        chunk.k = [apply_rope(k, cos, sin) for k in chunk.k]
     chunk.pos = new
     return chunk
 

@@ -148,7 +148,7 @@ def test_the_chat_shows_progress_while_a_state_is_built_on_first_use(small_ctx, 
 
 def test_lexical_blocks_are_the_blocks_whose_words_match_the_question(tiny_model):
     """BM25 over two-block windows: a fact cut by a block boundary still ranks, both its blocks given."""
-    from app.services.engines import lexical_blocks
+    from app.services.lexical import lexical_blocks
     from model.actqkv_encode import encode_stream
 
     words = [f"filler{i % 7} text" for i in range(300)]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from app.services.documents import DocumentContext, PageSpan
-from app.services.engines import FullContextEngine, Prepared, page_sentences
+from app.services.engines import FullContextEngine, Prepared
+from app.services.lexical import page_sentences
 
 FILLER = "The parties shall cooperate in good faith on all matters described in this agreement. " * 12
 PAGES = [
