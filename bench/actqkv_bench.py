@@ -210,47 +210,9 @@ def run_actqkv(run: Run, lengths: list[int], depths: list[float], engines: tuple
                              "gold": item.answer, **out})
                 log.info("needle %d depth %.1f %s: %s (%r)", n, item.depth, name, ok, out["answer"][:60])
         section.raw = {"needle": rows, "speed": speed}
+        section.tables = _grid_tables(rows, speed, lengths, depths, engines, single_needle, calibration_s)
         run.write(section, started)  # partial results survive a long run being stopped
-    section.tables = [
-        Table(["length", "doc tokens", *(f"{e} @ depths {','.join(map(str, depths))}" for e in engines),
-               *(f"{e} acc" for e in engines)],
-              [[n, next((r["tokens"] for r in rows if r["length"] == n), None),
-                *(" ".join("✓" if r["correct"] else "✗" for r in rows if r["length"] == n and r["engine"] == e)
-                  for e in engines),
-                *(_acc([r for r in rows if r["length"] == n and r["engine"] == e]) for e in engines)]
-               for n in lengths],
-              title="needle in a real-text haystack, " + ("one document per depth, its needle alone"
-                     if single_needle else "one needle per depth, each asked separately") + " (contains-match)"),
-        Table(["length", "doc tokens", "actqkv encode tokens/s", "actqkv bytes/token", "full prefix s (tokens)",
-               *(f"{e} TTFT s" for e in engines), *(f"{e} decode tok/s" for e in engines)],
-              [[s["length"], s["tokens"], s.get("encode_tps"), s.get("bytes_per_token"),
-                f"{s['full_prefix_s']:.0f} ({s['full_prefix_tokens']})" if "full_prefix_s" in s else None,
-                *(_mean([r["ttft_s"] for r in rows if _of(r, s) and r["engine"] == e]) for e in engines),
-                *(_mean([r["decode_tps"] for r in rows if _of(r, s) and r["engine"] == e])
-                  for e in engines)]
-               for s in speed],
-              title="speed: encoding once per document, then per question from the persisted state"),
-        Table(["length", "doc tokens", *(f"{e} peak RSS MB" for e in engines)],
-              [[s["length"], s["tokens"],
-                *(_mean([r["peak_rss_mb"] for r in rows if _of(r, s) and r["engine"] == e])
-                  for e in engines)] for s in speed],
-              title="peak resident memory of the process while answering (mean over the questions; the model's "
-                    "weights and the loaded state included)"),
-    ]
-    if "homer" in engines:
-        section.tables.append(Table(
-            ["length", "doc tokens", "leaves", "encode tokens/s", "stored bytes/token", "merge s (stored leaves)",
-             "merge s recomputing the leaves", "saved", "cache tokens", "peak GPU MB"],
-            [[s["length"], s["tokens"], s["homer_pieces"], s["homer_encode_tps"], s["homer_bytes_per_token"],
-              merge := _mean([r["prepare_s"] for r in rows if _of(r, s) and r["engine"] == "homer"]),
-              s["homer_encode_s"] + merge if merge is not None else None,
-              1 - merge / (s["homer_encode_s"] + merge) if merge else None,
-              _mean([r.get("homer_cache_tokens", 0) for r in rows if _of(r, s) and r["engine"] == "homer"]),
-              _mean([r["peak_gpu_mb"] for r in rows if _of(r, s) and r["engine"] == "homer"
-                     and "peak_gpu_mb" in r])]
-             for s in speed],
-            title="homer per question: the merge from the stored leaves against recomputing them as well "
-                  f"(calibration once per model: {calibration_s:.0f} s)"))
+    section.tables = _grid_tables(rows, speed, lengths, depths, engines, single_needle, calibration_s)
     if tiled_lengths and "actqkv" in engines:
         text, items = needle_document(lm, min(lengths), depths[:1])
         doc, _ = document_context(lm, split_pages(text), "haystack", with_tree=False)
@@ -280,6 +242,53 @@ def run_actqkv(run: Run, lengths: list[int], depths: list[float], engines: tuple
                          f"`full` reads head + tail when the document exceeds its window.")
     section.raw = {"needle": rows, "speed": speed, **({"tiled": section.raw["tiled"]} if "tiled" in section.raw else {})}
     return run.write(section, started)
+
+
+def _grid_tables(rows: list[dict], speed: list[dict], lengths: list[int], depths: list[float],
+                 engines: tuple[str, ...], single_needle: bool, calibration_s: float | None) -> list:
+    """The needle, speed and memory tables (and HOMER's merge table) of the documents done so far."""
+    done = [n for n in lengths if any(r["length"] == n for r in rows)]
+    tables = [
+        Table(["length", "doc tokens", *(f"{e} @ depths {','.join(map(str, depths))}" for e in engines),
+               *(f"{e} acc" for e in engines)],
+              [[n, next((r["tokens"] for r in rows if r["length"] == n), None),
+                *(" ".join("✓" if r["correct"] else "✗" for r in rows if r["length"] == n and r["engine"] == e)
+                  for e in engines),
+                *(_acc([r for r in rows if r["length"] == n and r["engine"] == e]) for e in engines)]
+               for n in done],
+              title="needle in a real-text haystack, " + ("one document per depth, its needle alone"
+                     if single_needle else "one needle per depth, each asked separately") + " (contains-match)"),
+        Table(["length", "doc tokens", "actqkv encode tokens/s", "actqkv bytes/token", "full prefix s (tokens)",
+               *(f"{e} TTFT s" for e in engines), *(f"{e} decode tok/s" for e in engines)],
+              [[s["length"], s["tokens"], s.get("encode_tps"), s.get("bytes_per_token"),
+                f"{s['full_prefix_s']:.0f} ({s['full_prefix_tokens']})" if "full_prefix_s" in s else None,
+                *(_mean([r["ttft_s"] for r in rows if _of(r, s) and r["engine"] == e]) for e in engines),
+                *(_mean([r["decode_tps"] for r in rows if _of(r, s) and r["engine"] == e])
+                  for e in engines)]
+               for s in speed],
+              title="speed: encoding once per document, then per question from the persisted state"),
+        Table(["length", "doc tokens", *(f"{e} peak RSS MB" for e in engines)],
+              [[s["length"], s["tokens"],
+                *(_mean([r["peak_rss_mb"] for r in rows if _of(r, s) and r["engine"] == e])
+                  for e in engines)] for s in speed],
+              title="peak resident memory of the process while answering (mean over the questions; the model's "
+                    "weights and the loaded state included)"),
+    ]
+    if "homer" in engines:
+        tables.append(Table(
+            ["length", "doc tokens", "leaves", "encode tokens/s", "stored bytes/token", "merge s (stored leaves)",
+             "merge s recomputing the leaves", "saved", "cache tokens", "peak GPU MB"],
+            [[s["length"], s["tokens"], s["homer_pieces"], s["homer_encode_tps"], s["homer_bytes_per_token"],
+              merge := _mean([r["prepare_s"] for r in rows if _of(r, s) and r["engine"] == "homer"]),
+              s["homer_encode_s"] + merge if merge is not None else None,
+              1 - merge / (s["homer_encode_s"] + merge) if merge else None,
+              _mean([r.get("homer_cache_tokens", 0) for r in rows if _of(r, s) and r["engine"] == "homer"]),
+              _mean([r["peak_gpu_mb"] for r in rows if _of(r, s) and r["engine"] == "homer"
+                     and "peak_gpu_mb" in r])]
+             for s in speed],
+            title="homer per question: the merge from the stored leaves against recomputing them as well "
+                  f"(calibration once per model: {calibration_s:.0f} s)"))
+    return tables
 
 
 def _mean(values: list[float]) -> float | None:
