@@ -232,7 +232,11 @@ class BlockMemory:
             ks.append(st.k[layer].read(j * B, end))
             vs.append(st.v[layer].read(j * B, end))
         keys = [k.to(self.device, self.dtype) for k in ks]
-        if self.cfg.memory_positions == "block":  # order inside each block: key t at position t
+        if self.cfg.read_layout == "sequence":  # key i of m at i - m: distance n_local + m - i from the query
+            cat = torch.cat(keys, 1)
+            cos, sin = self.base.rope(torch.arange(-cat.shape[1], 0, device=self.device), self.dtype)
+            keys = [apply_rope(cat, cos, sin)]
+        elif self.cfg.memory_positions == "block":  # order inside each block: key t at position t
             keys = [apply_rope(k, self._cos_b[: k.shape[1]], self._sin_b[: k.shape[1]]) for k in keys]
         self._kv[layer] = (torch.cat(keys, 1), torch.cat([v.to(self.device, self.dtype) for v in vs], 1))
         B = self.cfg.block_size

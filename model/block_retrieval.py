@@ -72,6 +72,12 @@ class ActQKVConfig(KnobSet):
     # (docs/benchmarks.md, "actqkv-lexical-dev", "quality-lexical4-nettle"): needles at 8K-32K 5/15 (0),
     # 11/15 (2), 12/15 (4), 11/15 (8); a 92.6K-token manual's 16 questions 3/16 (0), 13/16 (4 and 8)
     lexical_blocks: int = 4
+    # question time: how the question reads the retrieved memory. "state": as the document was encoded
+    # (`memory_positions`); "sequence": the init tokens and retrieved blocks in document order at
+    # consecutive positions ending just beyond the local window, as if the question followed an
+    # excerpt of the document (each token keeps its neighbours' order, e.g. a noun before its number).
+    # Measured on 15 needle questions at 8K-32K (docs/benchmarks.md, "actqkv-layout-dev"): 12/15 either way
+    read_layout: str = "state"
 
     def __post_init__(self) -> None:
         positive = ("block_size", "n_init", "n_local", "exec_block", "budget", "min_blocks", "max_blocks",
@@ -92,6 +98,8 @@ class ActQKVConfig(KnobSet):
                               f"{self.budget}, {self.max_blocks}")
         if self.repr_topk > self.block_size:
             raise ConfigError(f"actqkv repr_topk={self.repr_topk} exceeds block_size={self.block_size}")
+        if self.read_layout not in ("state", "sequence"):
+            raise ConfigError(f"actqkv read_layout {self.read_layout!r}: use state or sequence")
         if self.memory_positions not in ("block", "none"):
             raise ConfigError(f"actqkv memory_positions {self.memory_positions!r}: use block or none")
         if self.score not in ("cosine", "dot", "max_token", "max_token_head"):
@@ -117,11 +125,12 @@ class ActQKVConfig(KnobSet):
 
     def encoding_fields(self) -> dict:
         """What the persisted state depends on: the document is itself streamed with retrieval, so
-        every knob but the question-time ones (probe, decoding interval) shapes the stored K/V."""
+        every knob but the question-time ones (probe, decoding interval, lexical blocks, read layout) shapes the stored K/V."""
         out = self.to_dict()
         out.pop("retrieval_interval")
         out.pop("probe")
         out.pop("lexical_blocks")
+        out.pop("read_layout")
         return out
 
     def fingerprint(self, checkpoint_hash: str, prompt_layout: str) -> str:

@@ -258,7 +258,10 @@ def test_the_config_is_validated_and_its_fingerprint_covers_the_encoding_knobs()
         ActQKVConfig().check_window(2048)
     base = ActQKVConfig().fingerprint("ckpt", "v1")
     assert ActQKVConfig(block_size=32).fingerprint("ckpt", "v1") != base
-    assert ActQKVConfig(retrieval_interval=1, probe="mean", lexical_blocks=0).fingerprint("ckpt", "v1") == base  # read-time
+    assert ActQKVConfig(retrieval_interval=1, probe="mean", lexical_blocks=0,
+                        read_layout="sequence").fingerprint("ckpt", "v1") == base  # read-time
+    with pytest.raises(ConfigError, match="read_layout"):
+        ActQKVConfig(read_layout="shuffled")
     with pytest.raises(ConfigError, match="lexical_blocks"):
         ActQKVConfig(lexical_blocks=-1)
     assert ActQKVConfig(encode_probe="mean").fingerprint("ckpt", "v1") != base
@@ -282,3 +285,31 @@ def test_block_positions_keep_the_order_inside_retrieved_blocks(tiny_base):
     assert not torch.equal(plain.k[1].read(0, 500), ordered.k[1].read(0, 500))  # memory is read differently
     a = _answer_logits(tiny_base, [ordered], suffix)[0]
     assert torch.isfinite(a).all()
+
+
+def test_the_sequence_layout_reads_memory_in_document_order_just_beyond_the_local_window(tiny_base):
+    """Memory key i of m (init tokens, then the retrieved blocks in document order) sits at distance
+    n_local + m - i from the question's queries: RoPE makes the score depend on that distance alone."""
+    import dataclasses
+
+    from model.rope import apply_rope
+
+    cfg = ActQKVConfig(**dict(SMALL, n_local=64))
+    ids, suffix = random_ids(500, seed=9).tolist(), random_ids(4, seed=10).tolist()
+    state = encode_stream(tiny_base, ids, cfg)
+    seq_state = dataclasses.replace(state, config=dataclasses.replace(cfg, read_layout="sequence"))
+    seq_logits, memory = _answer_logits(tiny_base, [seq_state], suffix)
+    plain_logits, _ = _answer_logits(tiny_base, [state], suffix)
+    assert torch.isfinite(seq_logits).all() and not torch.allclose(seq_logits, plain_logits)
+    layer, B = 1, cfg.block_size
+    chosen = [memory.pool[int(p)] for p in memory.selected[layer]]
+    assert [j for _, j in chosen] == sorted(j for _, j in chosen)  # document order
+    raw = torch.cat([state.k[layer].read(0, cfg.n_init)] + [state.k[layer].read(j * B, (j + 1) * B) for _, j in chosen], 1)
+    m = raw.shape[1]
+    keys = memory._kv[layer][0]
+    q = torch.randn(keys.shape[0], 1, keys.shape[2])
+    cos_q, sin_q = tiny_base.rope(torch.tensor([cfg.n_local]), torch.float32)
+    got = (apply_rope(q, cos_q, sin_q) * keys).sum(-1)  # (nkv, m)
+    cos_d, sin_d = tiny_base.rope(cfg.n_local + m - torch.arange(m), torch.float32)
+    want = (apply_rope(q.expand(-1, m, -1), cos_d, sin_d) * raw.float()).sum(-1)  # the distance on the query
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
