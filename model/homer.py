@@ -78,12 +78,16 @@ class HomerConfig(KnobSet):
     # shorter document, its order intact, within the window since T <= the chunk length). Measured on
     # the needle grid (docs/benchmarks.md, "homer-seq"): 32K 1/3 against 2/3, 64K 1/3 against 1/3
     positions: str = "homer"
+    # question time, beyond HOMER: the tokens of this many blocks of `LEXICAL_BLOCK` tokens whose words
+    # best match the question (BM25 over two-block windows of each document, chosen by the engine, which
+    # holds the text, as actqkv's lexical blocks) are dropped by no reduction while others remain
+    lexical_blocks: int = 0
     calibration_tokens: int = 4096  # calibration window: biases measured for distances up to it
     calibration_windows: int = 2
     calibration_queries: int = 64  # last tokens of each window whose logits are averaged per distance
 
     def __post_init__(self) -> None:
-        for name in ("chunk_tokens", "target_tokens", "extra_heights", "keep_window"):
+        for name in ("chunk_tokens", "target_tokens", "extra_heights", "keep_window", "lexical_blocks"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"homer {name} must be >= 0, got {getattr(self, name)}")
         for name in ("suffix_reserve", "calibration_tokens", "calibration_windows", "calibration_queries"):
@@ -128,6 +132,9 @@ class HomerConfig(KnobSet):
         ident = {"format": HOMER_FORMAT_VERSION, "checkpoint": checkpoint_hash, "layout": prompt_layout,
                  **self.state_fields()}
         return "homer-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+LEXICAL_BLOCK = 64  # tokens per block of `lexical_blocks` (actqkv's block size)
 
 
 def answer_room(max_position: int) -> int:
@@ -263,11 +270,13 @@ def significance(q_last: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor,
     return sig
 
 
-def keep_mask(sig: torch.Tensor, prefix: int, suffix: int, target: int, window: int = 0) -> torch.Tensor:
+def keep_mask(sig: torch.Tensor, prefix: int, suffix: int, target: int, window: int = 0,
+              protect: torch.Tensor | None = None) -> torch.Tensor:
     """(T,) True for the tokens kept when a chunk of T is reduced to `target` (or to its affixes when
     the target is shorter): the least significant context tokens are dropped, never an affix. With
     `window` > 0 a token ranks by the best significance within `window` tokens of it (so the digits
-    of a number or the words of a name around a salient token stay together)."""
+    of a number or the words of a name around a salient token stay together). Tokens where `protect`
+    (T,) is True rank above every other context token (dropped only when nothing else is left)."""
     t = sig.shape[0]
     n_drop = min(max(0, t - target), t - prefix - suffix)
     keep = torch.ones(t, dtype=torch.bool, device=sig.device)
@@ -279,17 +288,34 @@ def keep_mask(sig: torch.Tensor, prefix: int, suffix: int, target: int, window: 
         pooled = torch.nn.functional.max_pool1d(ctx, 2 * window + 1, stride=1, padding=window)[0, 0]
         # ties inside a pooled span are broken by the token's own significance
         ranked[prefix:t - suffix] = pooled + 1e-3 * torch.tanh(ranked[prefix:t - suffix])
+    if protect is not None and bool(protect.any()):
+        ctx = ranked[prefix:t - suffix]
+        lift = float(ctx.max() - ctx.min()) + 1.0  # every protected token above every other one, in its order
+        ranked = torch.where(protect.to(ranked.device), ranked + lift, ranked)
     ranked[:prefix] = math.inf
     ranked[t - suffix:] = math.inf
     keep[ranked.topk(n_drop, largest=False).indices] = False
     return keep
 
 
+def protected_tokens(doc: torch.Tensor, tok: torch.Tensor, protected: dict[int, torch.Tensor] | None) -> torch.Tensor | None:
+    """(T,) True for a chunk's tokens that `protected` (document index -> (stream length,) bool) marks;
+    None without protection. Affix tokens (document -1) are never marked (they are never dropped)."""
+    if not protected:
+        return None
+    out = torch.zeros(doc.shape[0], dtype=torch.bool, device=doc.device)
+    for d, marks in protected.items():
+        at = doc == d
+        if bool(at.any()):
+            out[at] = marks.to(doc.device)[tok[at]]
+    return out
+
+
 def run_layers(base, chunk: Chunk, layers: range, target: int, bias: torch.Tensor | None, window: int = 0,
-               n_queries: int = 1) -> Chunk:
+               n_queries: int = 1, protected: dict[int, torch.Tensor] | None = None) -> Chunk:
     """Runs `chunk` through `layers` (causal attention over its own tokens, RoPE at its positions),
     appending each layer's K/V; at the last layer, reduces it to `target` when longer (ranked by the
-    last `n_queries` tokens' queries)."""
+    last `n_queries` tokens' queries; `protected` tokens kept first)."""
     dtype = chunk.hidden.dtype
     cos, sin = base.rope(chunk.pos, dtype)
     x = chunk.hidden[None]
@@ -312,7 +338,8 @@ def run_layers(base, chunk: Chunk, layers: range, target: int, bias: torch.Tenso
         x = base.layers[i](x, None, None, None, attend=attend)
     chunk.hidden = x[0]
     if sig:
-        chunk.prune(keep_mask(sig[0], chunk.prefix, chunk.suffix, target, window))
+        chunk.prune(keep_mask(sig[0], chunk.prefix, chunk.suffix, target, window,
+                              protected_tokens(chunk.doc, chunk.tok, protected)))
     return chunk
 
 
@@ -340,9 +367,10 @@ class Merger:
     def __init__(self, base, schedule: Schedule, bias: torch.Tensor | None, leaf: LeafFn,
                  leaf_lengths: dict, prefix: int, suffix: int, max_piece: int, window: int = 0,
                  n_queries: int = 1, sequential: bool = False,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 protected: dict[int, torch.Tensor] | None = None) -> None:
         self.base, self.schedule, self.bias, self.leaf, self.window = base, schedule, bias, leaf, window
-        self.n_queries, self.sequential = n_queries, sequential
+        self.n_queries, self.sequential, self.protected = n_queries, sequential, protected
         # progress(merges done, merges in the tree): the merges are the question's minutes on a CPU
         self.progress, self.merges_done, self.merges_total = progress, 0, 0
         self.leaf_lengths = leaf_lengths  # leaf reference -> its chunk length P + piece + S
@@ -385,7 +413,7 @@ class Merger:
             merged = renumber(self.base, merged)
         self._note(merged.length)
         out = run_layers(self.base, merged, self.schedule.level_layers(height), target, self.bias, self.window,
-                         self.n_queries)
+                         self.n_queries, self.protected)
         self.merges_done += 1
         if self.progress is not None:
             self.progress(self.merges_done, self.merges_total)

@@ -23,7 +23,18 @@ import torch
 from model.decoder import KVCache
 from model.generate import PrefixState
 from model.config import ConfigError
-from model.homer import Chunk, HomerConfig, Merger, Schedule, keep_mask, pieces, significance, tree_height
+from model.homer import (
+    LEXICAL_BLOCK,
+    Chunk,
+    HomerConfig,
+    Merger,
+    Schedule,
+    keep_mask,
+    pieces,
+    protected_tokens,
+    significance,
+    tree_height,
+)
 from model.rope import apply_rope
 
 
@@ -166,10 +177,11 @@ def _run_leaf_layers(base, ids: torch.Tensor, start: int, top: int, ends: list[i
 
 
 def leaf_chunk(base, state: HomerState, j: int, d: int, suffix_ids: list[int], leaf_end: int, target: int,
-               bias: torch.Tensor | None, window: int = 0, n_queries: int = 1) -> Chunk:
+               bias: torch.Tensor | None, window: int = 0, n_queries: int = 1,
+               protected: dict[int, torch.Tensor] | None = None) -> Chunk:
     """Piece j of document d as a reduced leaf: the suffix runs layers [0, leaf_end) reading the
     stored prefix and piece K/V; the reduction at the last leaf layer (when the chunk is longer than
-    `target`) drops context tokens from every leaf layer."""
+    `target`) drops context tokens from every leaf layer (`protected` ones last)."""
     device, dtype = base.embed_tokens.weight.device, base.embed_tokens.weight.dtype
     p, s = len(state.prefix_ids), len(suffix_ids)
     start, end = state.ranges[j]
@@ -204,7 +216,7 @@ def leaf_chunk(base, state: HomerState, j: int, d: int, suffix_ids: list[int], l
                   torch.cat([affix, torch.full((n,), d, dtype=torch.long, device=device), tail]),
                   torch.cat([affix, torch.arange(start, end, device=device), tail]), p, s)
     if sig:
-        chunk.prune(keep_mask(sig[0], p, s, target, window))
+        chunk.prune(keep_mask(sig[0], p, s, target, window, protected_tokens(chunk.doc, chunk.tok, protected)))
     return chunk
 
 
@@ -226,9 +238,11 @@ class HomerPrefix:
 
 @torch.no_grad()
 def answer_prefix(base, cfg: HomerConfig, states: list[HomerState], suffix_ids: list[int],
-                  bias: torch.Tensor | None, progress: Callable[[int, int], None] | None = None) -> HomerPrefix:
+                  bias: torch.Tensor | None, progress: Callable[[int, int], None] | None = None,
+                  protected: list[tuple[int, int]] | None = None) -> HomerPrefix:
     """The question-time HOMER run over the documents' leaves (one tree over all their pieces);
-    `progress(merges done, merges)` after each merge level."""
+    `progress(merges done, merges)` after each merge level; the tokens of the `protected` (document,
+    block of `LEXICAL_BLOCK` tokens) pairs are dropped by no reduction while others remain."""
     if not states:
         raise ValueError("HOMER needs at least one document")
     prefix_ids = states[0].prefix_ids
@@ -242,6 +256,7 @@ def answer_prefix(base, cfg: HomerConfig, states: list[HomerState], suffix_ids: 
     check_height(cfg, base.config.n_layer, height, sum(len(st.token_ids) for st in states))
     schedule = Schedule(base.config.n_layer, cfg.warmup_layers, height)
     fresh: dict[int, HomerState] = {}
+    marks = block_marks(states, protected or [])
 
     def leaf(ref, leaf_end: int, target: int) -> Chunk:
         d, j = ref
@@ -250,13 +265,13 @@ def answer_prefix(base, cfg: HomerConfig, states: list[HomerState], suffix_ids: 
             if d not in fresh:
                 fresh[d] = encode_document(base, cfg, prefix_ids, st.token_ids, st.doc_offset, ends=[leaf_end])
             st = fresh[d]
-        return leaf_chunk(base, st, j, d, suffix_ids, leaf_end, target, bias, cfg.keep_window, n_queries)
+        return leaf_chunk(base, st, j, d, suffix_ids, leaf_end, target, bias, cfg.keep_window, n_queries, marks)
 
     lengths = {(d, j): p + (e - b) + s for d, st in enumerate(states) for j, (b, e) in enumerate(st.ranges)}
     total = p + sum(len(st.token_ids) for st in states) + s
     n_queries = s if cfg.significance_query == "suffix" else 1
     merger = Merger(base, schedule, bias, leaf, lengths, p, s, max_piece(cfg, p), cfg.keep_window, n_queries,
-                    cfg.positions == "sequential", progress)
+                    cfg.positions == "sequential", progress, marks)
     padded = refs + [None] * (2**height - len(refs))
     chunk = merger.run(padded, height, min(cfg.target_tokens, total))
     if len(chunk.k) != base.config.n_layer:
@@ -267,6 +282,17 @@ def answer_prefix(base, cfg: HomerConfig, states: list[HomerState], suffix_ids: 
                          position=int(chunk.pos[last]))
     computed = sum(len(states[d].ranges) for d in fresh)
     return HomerPrefix(prefix, ids, chunk.doc[:last].cpu(), chunk.tok[:last].cpu(), total, merger.peak_tokens, computed)
+
+
+def block_marks(states: list[HomerState], blocks: list[tuple[int, int]]) -> dict[int, torch.Tensor] | None:
+    """Document index -> (stream length,) bool: True on the tokens of the (document, block) pairs."""
+    if not blocks:
+        return None
+    out: dict[int, torch.Tensor] = {}
+    for d, j in blocks:
+        marks = out.setdefault(d, torch.zeros(len(states[d].token_ids), dtype=torch.bool))
+        marks[j * LEXICAL_BLOCK:(j + 1) * LEXICAL_BLOCK] = True
+    return out
 
 
 def _kept_ids(chunk: Chunk, states: list[HomerState], prefix_ids: list[int], suffix_ids: list[int]) -> list[int]:

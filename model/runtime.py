@@ -165,13 +165,15 @@ class LoadedModel:
         """HOMER's persisted leaves of one document's context stream (model/homer_state.py)."""
         return encode_document(self.model.base, self.homer_config(), prefix_ids, token_ids, doc_offset, progress)
 
-    def homer_prefix(self, states: list[HomerState], suffix_ids: list[int],
-                     progress: Progress | None = None) -> tuple[HomerPrefix, HomerMemory]:
+    def homer_prefix(self, states: list[HomerState], suffix_ids: list[int], progress: Progress | None = None,
+                     protected: list[tuple[int, int]] | None = None) -> tuple[HomerPrefix, HomerMemory]:
         """One question's merged cache over the documents' leaves, and the memory that decodes it;
-        `progress(merges done, merges)` as the merge tree is walked."""
+        `progress(merges done, merges)` as the merge tree is walked; the (document, block) pairs
+        `protected` are kept through every reduction (`answer_prefix`)."""
         if self.homer_bias is None:
             self.homer_bias = self.calibrate_homer()
-        result = answer_prefix(self.model.base, self.homer_config(), states, suffix_ids, self.homer_bias, progress)
+        result = answer_prefix(self.model.base, self.homer_config(), states, suffix_ids, self.homer_bias, progress,
+                               protected)
         return result, HomerMemory(self.model.base, result.doc, result.tok, [st.doc_offset for st in states])
 
     def build_memory(self, trees: list[ContextTree], question: str | None,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from app.services.documents import DocumentContext
-from app.services.lexical import QUOTE_CHARS, best_passages, lexical_blocks
+from app.services.lexical import QUOTE_CHARS, best_passages, lexical_blocks, lexical_windows
 from app.services.prompt_layout import (
     SYSTEM_PROMPT,
     around_documents,
@@ -24,6 +24,7 @@ from app.services.prompt_layout import (
     homer_stream,
     with_documents_first,
 )
+from model.homer import LEXICAL_BLOCK
 from model.prompts import SHAREDLLM_SYSTEM_PROMPT
 
 logger = logging.getLogger(__name__)
@@ -272,7 +273,9 @@ class HomerEngine:
         t0 = time.perf_counter()
         states = [doc.extra.get("homer") or lm.encode_homer(*homer_stream(lm, doc)) for doc in docs]
         _, tail = around_documents(lm, question, history)
-        result, memory = lm.homer_prefix(states, lm.tokenize(tail), progress)
+        kept = lexical_windows(lm, [st.token_ids for st in states], LEXICAL_BLOCK, question,
+                               lm.homer_config().lexical_blocks)
+        result, memory = lm.homer_prefix(states, lm.tokenize(tail), progress, kept)
         messages = with_documents_first(f"[{len(docs)} document(s) merged by HOMER]", question, history)
         notes = {"homer_input_tokens": result.input_tokens, "homer_cache_tokens": result.prefix.length + 1}
         if result.leaves_computed:

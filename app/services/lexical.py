@@ -1,6 +1,7 @@
 """BM25 text matching over the documents' own text: the passages `full` and `rag` cite (best
-sentences per page, quoted with their neighbours) and the blocks `actqkv` reads first
-(`lexical_blocks`). One term normalisation (`_terms`) serves both."""
+sentences per page, quoted with their neighbours), the blocks `actqkv` reads first
+(`lexical_blocks`) and the spans `homer` never drops (`lexical_windows`). One term normalisation
+(`_terms`) serves them all."""
 
 from __future__ import annotations
 
@@ -60,24 +61,35 @@ def _terms(text: str) -> str:
 
 def lexical_blocks(lm, states, query: str, n: int) -> list[tuple[int, int]]:
     """Up to `n` (document, block) pairs of ActQKV states whose text best matches `query` by BM25, best
-    first: windows of two consecutive blocks are ranked (a word or a sentence cut by a block boundary
-    lies whole in one), each window giving both its blocks. Each document's index is built once and
-    kept for its later questions (`_block_index`)."""
+    first (`lexical_windows` over the states' streams and block size)."""
+    if not states:
+        return []
+    return lexical_windows(lm, [st.token_ids for st in states], states[0].config.block_size, query, n)
+
+
+def lexical_windows(lm, streams: list[list[int]], block: int, query: str, n: int) -> list[tuple[int, int]]:
+    """Up to `n` (document, block) pairs of token streams cut in blocks of `block` tokens whose text
+    best matches `query` by BM25, best first: windows of two consecutive blocks are ranked (a word or
+    a sentence cut by a block boundary lies whole in one), each window giving both its blocks. Each
+    stream's index is built once and kept for its later questions (`_window_index`)."""
     if n <= 0 or not _WORD.search(query):
         return []
     import bm25s
 
     terms = bm25s.tokenize([_terms(query)], show_progress=False)
     ranked = []  # (score, document, window)
-    for d, st in enumerate(states):
-        retriever = _block_index(lm, st)
-        hits, scores = retriever.retrieve(terms, k=min(st.n_blocks, n), show_progress=False)
+    n_blocks = [-(-len(ids) // block) for ids in streams]
+    for d, ids in enumerate(streams):
+        if not n_blocks[d]:
+            continue
+        retriever = _window_index(lm, ids, block)
+        hits, scores = retriever.retrieve(terms, k=min(n_blocks[d], n), show_progress=False)
         ranked += [(float(score), d, int(j)) for j, score in zip(hits[0], scores[0], strict=True) if score > 0]
     out: list[tuple[int, int]] = []
     for _, d, j in sorted(ranked, key=lambda r: -r[0]):
-        for block in ((d, j), (d, j + 1)) if j + 1 < states[d].n_blocks else ((d, j),):
-            if block not in out and len(out) < n:
-                out.append(block)
+        for pair in ((d, j), (d, j + 1)) if j + 1 < n_blocks[d] else ((d, j),):
+            if pair not in out and len(out) < n:
+                out.append(pair)
         if len(out) >= n:
             break
     return out
@@ -88,18 +100,17 @@ _BLOCK_INDEXES_KEPT = 16
 _BLOCK_INDEXES_LOCK = threading.Lock()
 
 
-def _block_index(lm, state):
-    """BM25 over a state's two-block windows (a 128K-token document: 0.35 s to build; then kept)."""
+def _window_index(lm, ids: list[int], block: int):
+    """BM25 over a stream's two-block windows (a 128K-token document: 0.35 s to build; then kept)."""
     import bm25s
 
-    B = state.config.block_size
-    key = hashlib.blake2b(array("q", state.token_ids).tobytes() + B.to_bytes(4, "little"), digest_size=16).digest()
+    key = hashlib.blake2b(array("q", ids).tobytes() + block.to_bytes(4, "little"), digest_size=16).digest()
     with _BLOCK_INDEXES_LOCK:
         if key in _BLOCK_INDEXES:
             _BLOCK_INDEXES.move_to_end(key)
             return _BLOCK_INDEXES[key]
-    ids, n = state.token_ids, state.n_blocks
-    blocks = [lm.tokenizer.decode(ids[j * B:(j + 1) * B], skip_special_tokens=True) for j in range(n)]
+    n = -(-len(ids) // block)
+    blocks = [lm.tokenizer.decode(ids[j * block:(j + 1) * block], skip_special_tokens=True) for j in range(n)]
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize([_terms(blocks[j] + (blocks[j + 1] if j + 1 < n else "")) for j in range(n)],
                                    show_progress=False), show_progress=False)

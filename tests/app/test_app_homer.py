@@ -132,3 +132,26 @@ def test_the_chat_shows_the_calibration_and_the_leaves_while_they_are_built(smal
     chat.take_question("And lot 3?", request)
     again = [str(f[4]) for f in chat.ask(None, [doc], "homer", 8, 0.0, request)]
     assert not [s for s in again if "stored leaves" in s or "Calibrating" in s]  # both stored: no second build
+
+
+def test_lexical_blocks_keep_the_questions_passage_through_every_reduction(tiny_model):
+    """The blocks whose words best match the question (BM25, as actqkv's) are dropped by no merge,
+    however small the final cache; without them the same merge loses part of the passage."""
+    from app.services.lexical import lexical_windows
+    from model.homer import LEXICAL_BLOCK
+
+    lm = dataclasses.replace(tiny_model, homer=dataclasses.replace(SMALL, target_tokens=300, lexical_blocks=2))
+    words = [f"filler{i % 7} text" for i in range(900)]
+    words[600] = "The warehouse in Ghent keeps lot"
+    ids = lm.tokenize(" ".join(words))
+    state = lm.encode_homer(lm.tokenize("Read this."), ids, 0)
+    assert len(state.ranges) >= 4  # merged over two levels at least
+    question = "Which lot does the Ghent warehouse keep?"
+    blocks = lexical_windows(lm, [state.token_ids], LEXICAL_BLOCK, question, 2)
+    assert blocks and "Ghent" in lm.tokenizer.decode(ids[blocks[0][1] * LEXICAL_BLOCK:(blocks[0][1] + 2) * LEXICAL_BLOCK])
+    suffix = lm.tokenize(question)
+    kept, _ = lm.homer_prefix([state], suffix, None, blocks)
+    plain, _ = lm.homer_prefix([state], suffix)
+    wanted = {t for _, j in blocks for t in range(j * LEXICAL_BLOCK, min((j + 1) * LEXICAL_BLOCK, len(ids)))}
+    assert wanted <= set(kept.tok.tolist()) and kept.prefix.length == plain.prefix.length
+    assert not wanted <= set(plain.tok.tolist())

@@ -134,6 +134,31 @@ def test_pieces_are_a_power_of_two_of_equal_size_covering_the_context():
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
 
 
+def test_protected_tokens_are_dropped_last_and_the_count_stays_exact():
+    sig = torch.tensor([-9.0, -8.0, 5.0, 1.0, 4.0, 0.0, 3.0, -7.0, -6.0])  # 2 prefix, 2 suffix tokens
+    protect = torch.tensor([False, False, False, True, False, True, False, False, False])
+    keep = keep_mask(sig, 2, 2, target=7, protect=protect)
+    assert keep.tolist() == [True, True, True, True, False, True, False, True, True]  # 4.0 and 3.0 go instead
+    # fewer places than protected tokens: the protected ones' own order decides, the affixes still stay
+    assert keep_mask(sig, 2, 2, target=5, protect=protect).tolist() == [True, True, False, True, False, False,
+                                                                          False, True, True]
+
+
+def test_protected_blocks_survive_every_reduction_of_a_long_document(base8):
+    from model.homer import LEXICAL_BLOCK
+
+    cfg = config(base8, target_tokens=200)
+    ctx = random_ids(900, seed=5).tolist()
+    state = encode_document(base8, cfg, PREFIX, ctx, 0)
+    blocks = [(0, 3), (0, 11)]  # tokens 192-255 and 704-767: in the second and the fourth leaf
+    result = answer_prefix(base8, cfg, [state], SUFFIX, torch.zeros(8, 64), protected=blocks)
+    kept = set(result.tok[result.doc == 0].tolist())
+    wanted = {t for _, j in blocks for t in range(j * LEXICAL_BLOCK, (j + 1) * LEXICAL_BLOCK)}
+    assert wanted <= kept and result.prefix.length + 1 == 200  # the same target, the blocks inside it
+    plain = answer_prefix(base8, cfg, [state], SUFFIX, torch.zeros(8, 64))
+    assert not wanted <= set(plain.tok[plain.doc == 0].tolist())  # without protection some of them go
+
+
 def test_a_long_document_is_reduced_to_the_target_with_every_affix_token_kept(base8):
     cfg = config(base8, target_tokens=200)
     ctx = random_ids(900, seed=5).tolist()
@@ -247,7 +272,8 @@ def test_the_calibration_averages_logits_by_distance(base8):
 def test_the_config_is_validated_and_resolved_for_the_model(base8):
     cfg = HomerConfig().resolve(base8.config)
     assert (cfg.chunk_tokens, cfg.warmup_layers, cfg.target_tokens) == (768, 3, 768)  # window less answer room
-    for bad in (dict(state_dtype="int8"), dict(suffix_reserve=0), dict(warmup_layers=-2), dict(extra_heights=-1)):
+    for bad in (dict(state_dtype="int8"), dict(suffix_reserve=0), dict(warmup_layers=-2), dict(extra_heights=-1),
+                dict(lexical_blocks=-1)):
         with pytest.raises(ConfigError):
             HomerConfig(**bad)
     with pytest.raises(ConfigError, match="positions"):
@@ -255,4 +281,4 @@ def test_the_config_is_validated_and_resolved_for_the_model(base8):
     with pytest.raises(ConfigError, match="warmup"):
         HomerConfig(warmup_layers=8).resolve(base8.config)
     assert HomerConfig(chunk_tokens=256).fingerprint("c", "l") != HomerConfig(chunk_tokens=512).fingerprint("c", "l")
-    assert HomerConfig(target_tokens=100).fingerprint("c", "l") == HomerConfig().fingerprint("c", "l")
+    assert HomerConfig(target_tokens=100, lexical_blocks=4).fingerprint("c", "l") == HomerConfig().fingerprint("c", "l")
