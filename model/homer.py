@@ -80,7 +80,9 @@ class HomerConfig(KnobSet):
     positions: str = "homer"
     # question time, beyond HOMER: the tokens of this many blocks of `LEXICAL_BLOCK` tokens whose words
     # best match the question (BM25 over two-block windows of each document, chosen by the engine, which
-    # holds the text, as actqkv's lexical blocks) are dropped by no reduction while others remain
+    # holds the text, as actqkv's lexical blocks) are dropped by no reduction while others remain.
+    # Measured on an 8-leaf needle document (docs/benchmarks.md, "homer-lexical-dev"): every needle
+    # sentence kept whole (15/32 tokens without), the same answers (1/3) -> off by default
     lexical_blocks: int = 0
     calibration_tokens: int = 4096  # calibration window: biases measured for distances up to it
     calibration_windows: int = 2
