@@ -2,10 +2,12 @@
 whether the needle's digits and its sentence survived the reductions (not only the answer).
 
     python -m bench.homer_dev --data-dir build/test-data --length 8192 --chunk 3072 \\
-        --variants '[{"keep_window": 0}, {"keep_window": 2}]'
+        --variants '[{"keep_window": 0}, {"keep_window": 2}]' [--single-needle]
 
 Each variant is a dict of `HomerConfig` fields (plus `"bias": false` to switch the calibration off);
 the document's leaves are encoded once and shared (the variants change question-time knobs only).
+`--single-needle`: one document per depth holding its needle alone (what the merge finds, apart from
+telling similar needles apart).
 Prints one line per (variant, question); the figures in docs/benchmarks.md, *homer-dev*, come from it.
 """
 
@@ -25,12 +27,7 @@ def _find(ids: list[int], sub: list[int]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from app.services.engines import get_engine
-    from app.services.prompt_layout import homer_stream
-    from bench.actqkv_bench import needle_document
-    from bench.common import document_context, split_pages
-    from bench.evalset import contains_match
-    from model import GenerationSettings, load_model
+    from model import load_model
     from model.homer import HomerConfig
 
     parser = argparse.ArgumentParser(prog="python -m bench.homer_dev")
@@ -39,11 +36,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=3072)
     parser.add_argument("--depths", default="0.1,0.5,0.9")
     parser.add_argument("--variants", default='[{}]')
+    parser.add_argument("--single-needle", action="store_true",
+                        help="one document per depth holding its needle alone (default: one document, every depth)")
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lm = load_model(None, data_dir=args.data_dir)
     lm.homer = HomerConfig(chunk_tokens=args.chunk)
     bias = lm.calibrate_homer()
-    text, items = needle_document(lm, args.length, [float(d) for d in args.depths.split(",")])
+    depths = [float(d) for d in args.depths.split(",")]
+    for doc_depths in ([[d] for d in depths] if args.single_needle else [depths]):
+        _probe(lm, bias, args, doc_depths)
+
+
+def _probe(lm, bias, args, depths: list[float]) -> None:
+    """One needle document (a needle per depth) encoded once, answered under every variant."""
+    from app.services.engines import get_engine
+    from app.services.prompt_layout import homer_stream
+    from bench.actqkv_bench import needle_document
+    from bench.common import document_context, split_pages
+    from bench.evalset import contains_match
+    from model import GenerationSettings
+    from model.homer import HomerConfig
+
+    text, items = needle_document(lm, args.length, depths)
     doc, _ = document_context(lm, split_pages(text), "haystack", with_tree=False)
     state = lm.encode_homer(*homer_stream(lm, doc))
     doc.extra["homer"] = state
