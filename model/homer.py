@@ -78,12 +78,6 @@ class HomerConfig(KnobSet):
     # shorter document, its order intact, within the window since T <= the chunk length). Measured on
     # the needle grid (docs/benchmarks.md, "homer-seq"): 32K 1/3 against 2/3, 64K 1/3 against 1/3
     positions: str = "homer"
-    # how a merge joins the two sides' suffix (question) states: "mean" (HOMER) or "relevance"
-    # (weighted by sigmoid((difference of the sides' best context significance) / suffix_temperature):
-    # `merge`). Measured on the 8K needle document (docs/benchmarks.md, "homer-lexical-dev"): 2/3
-    # against 1/3 in 8 leaves, 1/3 against 2/3 in 4 -> "mean"
-    suffix_merge: str = "mean"
-    suffix_temperature: float = 1.0
     # question time, beyond HOMER: the tokens of this many blocks of `LEXICAL_BLOCK` tokens whose words
     # best match the question (BM25 over two-block windows of each document, chosen by the engine, which
     # holds the text, as actqkv's lexical blocks) are dropped by no reduction while others remain.
@@ -107,10 +101,6 @@ class HomerConfig(KnobSet):
             raise ConfigError("homer calibration_queries must be fewer than calibration_tokens")
         if self.significance_query not in ("last", "suffix"):
             raise ConfigError(f"homer significance_query {self.significance_query!r}: use last or suffix")
-        if self.suffix_temperature <= 0:
-            raise ConfigError(f"homer suffix_temperature must be > 0, got {self.suffix_temperature}")
-        if self.suffix_merge not in ("mean", "relevance"):
-            raise ConfigError(f"homer suffix_merge {self.suffix_merge!r}: use mean or relevance")
         if self.positions not in ("homer", "sequential"):
             raise ConfigError(f"homer positions {self.positions!r}: use homer or sequential")
         if self.state_dtype not in ("bfloat16", "float16", "float32"):
@@ -215,9 +205,6 @@ class Chunk:
     tok: torch.Tensor
     prefix: int
     suffix: int
-    # the best significance of its context tokens at its last reduction (None before one): how much the
-    # question found in this chunk, for `suffix_merge = "relevance"`
-    relevance: float | None = None
 
     @property
     def length(self) -> int:
@@ -231,25 +218,17 @@ class Chunk:
         self.v = [v[:, keep] for v in self.v]
 
 
-def merge(left: Chunk, right: Chunk, by_relevance: float = 0.0) -> Chunk:
+def merge(left: Chunk, right: Chunk) -> Chunk:
     """Two adjacent chunks as one: prefix and suffix states averaged, contexts concatenated; the
-    prefix positions are the left's, the suffix positions the right's (as HOMER's `Chunk.merge`).
-    With `by_relevance` = t > 0 (beyond HOMER) the suffix states are weighted by sigmoid((left's
-    relevance - right's) / t) instead of halves: each side's question tokens have read only that side's context, so
-    the side where the question found more speaks louder (the prefix, read before any context, is the
-    same on both sides either way)."""
+    prefix positions are the left's, the suffix positions the right's (as HOMER's `Chunk.merge`)."""
     p, s = left.prefix, left.suffix
     if (right.prefix, right.suffix) != (p, s) or len(left.k) != len(right.k):
         raise ValueError("chunks with different affixes or layers cannot be merged")
-    w = 0.5
-    if by_relevance and left.relevance is not None and right.relevance is not None:
-        gap = (right.relevance - left.relevance) / max(by_relevance, 1e-6)
-        w = 1.0 / (1.0 + math.exp(min(gap, 60.0)))
 
     def join(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
         n_a, n_b = a.shape[dim], b.shape[dim]
         return torch.cat([(a.narrow(dim, 0, p) + b.narrow(dim, 0, p)) / 2, a.narrow(dim, p, n_a - p - s),
-                          b.narrow(dim, p, n_b - p - s), a.narrow(dim, n_a - s, s) * w + b.narrow(dim, n_b - s, s) * (1 - w)],
+                          b.narrow(dim, p, n_b - p - s), (a.narrow(dim, n_a - s, s) + b.narrow(dim, n_b - s, s)) / 2],
                          dim)
 
     def concat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -258,8 +237,7 @@ def merge(left: Chunk, right: Chunk, by_relevance: float = 0.0) -> Chunk:
     return Chunk(join(left.hidden, right.hidden, 0), concat(left.pos, right.pos),
                  [join(a, b, 1) for a, b in zip(left.k, right.k, strict=True)],
                  [join(a, b, 1) for a, b in zip(left.v, right.v, strict=True)],
-                 concat(left.doc, right.doc), concat(left.tok, right.tok), p, s,
-                 max((r for r in (left.relevance, right.relevance) if r is not None), default=None))
+                 concat(left.doc, right.doc), concat(left.tok, right.tok), p, s)
 
 
 def renumber(base, chunk: Chunk) -> Chunk:
@@ -362,16 +340,9 @@ def run_layers(base, chunk: Chunk, layers: range, target: int, bias: torch.Tenso
         x = base.layers[i](x, None, None, None, attend=attend)
     chunk.hidden = x[0]
     if sig:
-        chunk.relevance = context_relevance(sig[0], chunk.prefix, chunk.suffix)
         chunk.prune(keep_mask(sig[0], chunk.prefix, chunk.suffix, target, window,
                               protected_tokens(chunk.doc, chunk.tok, protected)))
     return chunk
-
-
-def context_relevance(sig: torch.Tensor, prefix: int, suffix: int) -> float | None:
-    """A chunk's best context significance (None without context tokens)."""
-    ctx = sig[prefix:sig.shape[0] - suffix]
-    return float(ctx.max()) if ctx.numel() else None
 
 
 def _row(bias: torch.Tensor | None, layer: int) -> torch.Tensor | None:
@@ -399,10 +370,9 @@ class Merger:
                  leaf_lengths: dict, prefix: int, suffix: int, max_piece: int, window: int = 0,
                  n_queries: int = 1, sequential: bool = False,
                  progress: Callable[[int, int], None] | None = None,
-                 protected: dict[int, torch.Tensor] | None = None, by_relevance: float = 0.0) -> None:
+                 protected: dict[int, torch.Tensor] | None = None) -> None:
         self.base, self.schedule, self.bias, self.leaf, self.window = base, schedule, bias, leaf, window
         self.n_queries, self.sequential, self.protected = n_queries, sequential, protected
-        self.by_relevance = by_relevance
         # progress(merges done, merges in the tree): the merges are the question's minutes on a CPU
         self.progress, self.merges_done, self.merges_total = progress, 0, 0
         self.leaf_lengths = leaf_lengths  # leaf reference -> its chunk length P + piece + S
@@ -440,7 +410,7 @@ class Merger:
             self._held += l_chunk.length
             r_chunk = self._run(right, height - 1, r_target)
             self._held -= l_chunk.length
-        merged = l_chunk if r_chunk is None else merge(l_chunk, r_chunk, self.by_relevance)
+        merged = l_chunk if r_chunk is None else merge(l_chunk, r_chunk)
         if self.sequential:
             merged = renumber(self.base, merged)
         self._note(merged.length)

@@ -29,7 +29,6 @@ from model.homer import (
     HomerConfig,
     Merger,
     Schedule,
-    context_relevance,
     keep_mask,
     pieces,
     protected_tokens,
@@ -217,7 +216,6 @@ def leaf_chunk(base, state: HomerState, j: int, d: int, suffix_ids: list[int], l
                   torch.cat([affix, torch.full((n,), d, dtype=torch.long, device=device), tail]),
                   torch.cat([affix, torch.arange(start, end, device=device), tail]), p, s)
     if sig:
-        chunk.relevance = context_relevance(sig[0], p, s)
         chunk.prune(keep_mask(sig[0], p, s, target, window, protected_tokens(chunk.doc, chunk.tok, protected)))
     return chunk
 
@@ -273,7 +271,7 @@ def answer_prefix(base, cfg: HomerConfig, states: list[HomerState], suffix_ids: 
     total = p + sum(len(st.token_ids) for st in states) + s
     n_queries = s if cfg.significance_query == "suffix" else 1
     merger = Merger(base, schedule, bias, leaf, lengths, p, s, max_piece(cfg, p), cfg.keep_window, n_queries,
-                    cfg.positions == "sequential", progress, marks, cfg.suffix_temperature if cfg.suffix_merge == "relevance" else 0.0)
+                    cfg.positions == "sequential", progress, marks)
     padded = refs + [None] * (2**height - len(refs))
     chunk = merger.run(padded, height, min(cfg.target_tokens, total))
     if len(chunk.k) != base.config.n_layer:

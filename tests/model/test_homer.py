@@ -115,19 +115,6 @@ def test_merging_averages_the_affixes_and_concatenates_the_contexts():
     assert m.pos.tolist() == [0, 1, 2, 3, 4, 2, 3, 4, 5, 6, 7]  # left prefix, both contexts, right suffix
 
 
-def test_a_relevance_merge_weights_the_suffix_towards_the_side_the_question_found_more_in():
-    left, right = _chunk(3, 1.0), _chunk(4, 3.0)
-    left.relevance, right.relevance = 2.0, 2.0 + math.log(3.0)  # sigmoid: the right side weighs 3/4
-    m = merge(left, right, by_relevance=True)
-    torch.testing.assert_close(m.hidden[-2:, 0], torch.tensor([2.5, 2.5]))  # 1 * 1/4 + 3 * 3/4
-    torch.testing.assert_close(m.k[0][0, -2:, 0], torch.tensor([2.5, 2.5]))  # every layer's K/V alike
-    assert m.hidden[:2, 0].tolist() == [2, 2] and m.relevance == right.relevance  # prefix averaged
-    assert merge(left, right).hidden[-2:, 0].tolist() == [2, 2]  # HOMER's halves by default
-    torch.testing.assert_close(merge(left, right, by_relevance=0.01).hidden[-2:, 0], torch.tensor([3.0, 3.0]))
-    left.relevance = None  # a side never reduced: halves
-    assert merge(left, right, by_relevance=True).hidden[-2:, 0].tolist() == [2, 2]
-
-
 def test_the_schedule_runs_every_layer_once_in_order():
     for n_layer, warmup in ((24, 9), (32, 12), (8, 2)):
         for height in range(0, n_layer - warmup):
@@ -286,7 +273,7 @@ def test_the_config_is_validated_and_resolved_for_the_model(base8):
     cfg = HomerConfig().resolve(base8.config)
     assert (cfg.chunk_tokens, cfg.warmup_layers, cfg.target_tokens) == (768, 3, 768)  # window less answer room
     for bad in (dict(state_dtype="int8"), dict(suffix_reserve=0), dict(warmup_layers=-2), dict(extra_heights=-1),
-                dict(lexical_blocks=-1), dict(suffix_merge="max"), dict(suffix_temperature=0)):
+                dict(lexical_blocks=-1)):
         with pytest.raises(ConfigError):
             HomerConfig(**bad)
     with pytest.raises(ConfigError, match="positions"):
