@@ -104,11 +104,15 @@ def tile_state(state, n_tokens: int):
                       state.stats, state.entropy)
 
 
+LATER_QUESTIONS = 3  # later questions per tiled length; their median is reported
+
+
 def ttft_vs_length(run: Run, state, lengths: list[int], question: str) -> list[dict]:
     """TTFT and decode speed of questions on states of each length, stored and memory-mapped from a
     tensor store as the app reads them (the page cache is warm: the file was just written). The first
     question of a process hashes the file (sha256 against the recorded digest); later ones find it
-    verified (storage.TensorStore) and only map it: both are timed, the ratio is the later ones'."""
+    verified (storage.TensorStore) and only map it: both are timed, the ratio is the later ones' (the
+    median of `LATER_QUESTIONS`: on a shared CPU one question's time moves by +-30 %)."""
     from storage import TensorStore
 
     rows = []
@@ -118,12 +122,15 @@ def ttft_vs_length(run: Run, state, lengths: list[int], question: str) -> list[d
             saved = store.save(1, f"tiled-{n}", tile_state(state, n).to_tensors())
             time.sleep(store.SETTLED_S + 0.1)  # as a file ingested before the question: settled, so remembered
             first = _tiled_question(run, store, saved, state, n, question)
-            later = _tiled_question(run, store, saved, state, n, question)
+            later = sorted((_tiled_question(run, store, saved, state, n, question) for _ in range(LATER_QUESTIONS)),
+                           key=lambda r: r["ttft_s"])
+            median = later[len(later) // 2]
             rows.append({"tokens": n, "bytes": saved.bytes, "first_load_s": first["load_s"],
-                         "first_ttft_s": first["ttft_s"], "load_s": later["load_s"], "ttft_s": later["ttft_s"],
-                         "decode_tps": later["decode_tps"]})
-            log.info("actqkv tiled %d tokens: TTFT %.2f s (load %.2f s; first question %.2f s, load %.2f s)", n,
-                     later["ttft_s"], later["load_s"], first["ttft_s"], first["load_s"])
+                         "first_ttft_s": first["ttft_s"], "load_s": median["load_s"], "ttft_s": median["ttft_s"],
+                         "ttft_all_s": [r["ttft_s"] for r in later], "decode_tps": median["decode_tps"]})
+            log.info("actqkv tiled %d tokens: TTFT %.2f s, median of %s (load %.2f s; first question %.2f s, "
+                     "load %.2f s)", n, median["ttft_s"], [round(r["ttft_s"], 2) for r in later], median["load_s"],
+                     first["ttft_s"], first["load_s"])
             store.delete(saved.path)
     return rows
 
@@ -221,12 +228,12 @@ def run_actqkv(run: Run, lengths: list[int], depths: list[float], engines: tuple
         base_ttft = tiled[0]["ttft_s"]
         section.tables.append(Table(
             ["state tokens", "stored MB", "first question: load s (sha256 + mmap)", "first question: TTFT s",
-             "load s (mmap)", "TTFT s", "TTFT / shortest", "decode tok/s"],
+             "load s (mmap)", "TTFT s (median)", "later questions' TTFT s", "TTFT / shortest", "decode tok/s"],
             [[r["tokens"], r["bytes"] / 2**20, r["first_load_s"], r["first_ttft_s"], r["load_s"], r["ttft_s"],
-              r["ttft_s"] / base_ttft, r["decode_tps"]] for r in tiled],
+              " ".join(f"{x:.2f}" for x in r["ttft_all_s"]), r["ttft_s"] / base_ttft, r["decode_tps"]] for r in tiled],
             title=f"actqkv TTFT against document length: a real {min(tiled_lengths)}-token state tiled to each length "
                   "(timing only), saved and memory-mapped as the app reads it; the first question of a process "
-                  "verifies the file's sha256, later ones (TTFT, ratio) find it verified"))
+                  "verifies the file's sha256, later ones find it verified (TTFT and ratio: their median)"))
     xs = lengths
     for name, title, ylabel, field in (("needle", "needle accuracy vs document length", "accuracy", "correct"),
                                        ("ttft", "TTFT vs document length (persisted state)", "seconds", "ttft_s"),

@@ -30,6 +30,7 @@ def test_every_depth_gets_its_own_needle_and_the_section_is_written(tmp_path, mo
     tiled = raw["tiled"]
     assert [r["tokens"] for r in tiled] == [400, 1600] and all(r["ttft_s"] > 0 for r in tiled)
     assert all(r["first_load_s"] >= 0 and r["first_ttft_s"] > 0 for r in tiled)
+    assert all(len(r["ttft_all_s"]) == 3 and r["ttft_s"] == sorted(r["ttft_all_s"])[1] for r in tiled)  # the median
     assert "TTFT / shortest" in written
 
 
