@@ -39,12 +39,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-dir", type=Path, default=None, help="keep the encoded states here for later runs")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny random model with the real tokenizer (tests the probe in seconds)")
     args = parser.parse_args(argv)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    lm = load_model(None, data_dir=args.data_dir)
+    if args.tiny:
+        from model.testing import tiny_loaded_model
+
+        lm = tiny_loaded_model(Path(args.data_dir))
+    else:
+        lm = load_model(None, data_dir=args.data_dir)
     variants = json.loads(args.variants)
     for v in variants:
         changed = {k for k in v if dataclasses.replace(lm.actqkv, **{k: v[k]}).fingerprint("", "") !=

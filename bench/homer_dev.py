@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -39,10 +40,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--single-needle", action="store_true",
                         help="one document per depth holding its needle alone (default: one document, every depth)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny random model with the real tokenizer (tests the probe in seconds)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(None, data_dir=args.data_dir)
+    if args.tiny:
+        from model.testing import tiny_loaded_model
+
+        lm = tiny_loaded_model(Path(args.data_dir))
+    else:
+        lm = load_model(None, data_dir=args.data_dir)
     lm.homer = HomerConfig(chunk_tokens=args.chunk)
     bias = lm.calibrate_homer()
     depths = [float(d) for d in args.depths.split(",")]
