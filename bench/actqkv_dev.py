@@ -26,9 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     from app.services.engines import get_engine
     from app.services.prompt_layout import document_stream
     from bench.actqkv_bench import answer, needle_document
-    from bench.common import document_context, split_pages
+    from bench.common import ModelChoice, document_context, split_pages
     from bench.evalset import contains_match
-    from model import load_model
     from model.block_state import BlockState
 
     parser = argparse.ArgumentParser(prog="python -m bench.actqkv_dev")
@@ -46,12 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.tiny:
-        from model.testing import tiny_loaded_model
-
-        lm = tiny_loaded_model(Path(args.data_dir))
-    else:
-        lm = load_model(None, data_dir=args.data_dir)
+    lm = ModelChoice(tiny=args.tiny, data_dir=Path(args.data_dir), device="auto").load()
     variants = json.loads(args.variants)
     for v in variants:
         changed = {k for k in v if dataclasses.replace(lm.actqkv, **{k: v[k]}).fingerprint("", "") !=

@@ -28,7 +28,7 @@ def _find(ids: list[int], sub: list[int]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from model import load_model
+    from bench.common import ModelChoice
     from model.homer import HomerConfig
 
     parser = argparse.ArgumentParser(prog="python -m bench.homer_dev")
@@ -45,12 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.tiny:
-        from model.testing import tiny_loaded_model
-
-        lm = tiny_loaded_model(Path(args.data_dir))
-    else:
-        lm = load_model(None, data_dir=args.data_dir)
+    lm = ModelChoice(tiny=args.tiny, data_dir=Path(args.data_dir), device="auto").load()
     lm.homer = HomerConfig(chunk_tokens=args.chunk)
     bias = lm.calibrate_homer()
     depths = [float(d) for d in args.depths.split(",")]
