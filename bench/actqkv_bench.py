@@ -25,15 +25,21 @@ from bench.run import Run
 
 log = logging.getLogger(__name__)
 
-def needle_document(lm, n_tokens: int, depths: list[float]):
+REPLICATE_SEED_STEP = 100_003  # far apart from every length's seeds: replicates never share a haystack
+
+
+def needle_document(lm, n_tokens: int, depths: list[float], replicate: int = 0):
     """A real-text haystack of about n_tokens with one magic-number needle per depth, each for another
-    noun (so every question has exactly one right answer in the document)."""
+    noun (so every question has exactly one right answer in the document). `replicate` r > 0 draws
+    another haystack order and other needles for the same length and depths (r = 0: the documents
+    every earlier run measured), so a grid cell can hold more than one sample."""
     from bench.evalset import make_needle_item
 
-    text = text_of_tokens(lm, n_tokens, seed=500 + n_tokens)
+    shift = replicate * REPLICATE_SEED_STEP
+    text = text_of_tokens(lm, n_tokens, seed=500 + n_tokens + shift)
     items, nouns = [], set()
     for depth in sorted(depths, reverse=True):  # deepest first: the shallower offsets stay where asked
-        seed = n_tokens + int(depth * 100)
+        seed = n_tokens + int(depth * 100) + shift
         while True:
             item = make_needle_item(text, depth, seed=seed, kind="magic_number")
             noun = item.question.split(" for ", 1)[1].split(" ", 1)[0]
@@ -159,10 +165,13 @@ def _acc(rows: list[dict]) -> float | None:
 
 
 def run_actqkv(run: Run, lengths: list[int], depths: list[float], engines: tuple[str, ...],
-               tiled_lengths: list[int] | None = None, key: str = "actqkv", single_needle: bool = False):
+               tiled_lengths: list[int] | None = None, key: str = "actqkv", single_needle: bool = False,
+               replicates: list[int] | None = None):
     """The grid: per length one document holding a needle per depth (each question has the other
     needles as distractors), or with `single_needle` one document per depth holding its needle alone
-    (the classic needle in a haystack: what the engine finds, apart from telling needles apart)."""
+    (the classic needle in a haystack: what the engine finds, apart from telling needles apart).
+    `replicates` (default [0]): which draws of the documents (`needle_document`); several give each
+    (length, depth) cell several samples, and the tables then add accuracy per depth."""
     from app.services.engines import get_engine
     from app.services.prompt_layout import document_stream, homer_stream
     from bench.evalset import contains_match
@@ -179,12 +188,14 @@ def run_actqkv(run: Run, lengths: list[int], depths: list[float], engines: tuple
         lm.homer_bias = lm.calibrate_homer()
         calibration_s = time.perf_counter() - t0
         log.info("homer: calibration in %.0f s", calibration_s)
-    grid = [(n, d) for n in lengths for d in ([[x] for x in depths] if single_needle else [depths])]
-    for n, doc_depths in grid:
-        text, items = needle_document(lm, n, doc_depths)
+    replicates = replicates or [0]
+    grid = [(n, r, d) for n in lengths for r in replicates
+            for d in ([[x] for x in depths] if single_needle else [depths])]
+    for n, replicate, doc_depths in grid:
+        text, items = needle_document(lm, n, doc_depths, replicate)
         doc, _ = document_context(lm, split_pages(text), "haystack", with_tree=False)
         tokens = len(doc.token_ids)
-        stats = {"length": n, "tokens": tokens, "depths": list(doc_depths)}
+        stats = {"length": n, "tokens": tokens, "depths": list(doc_depths), "replicate": replicate}
         if "actqkv" in engines:
             t0 = time.perf_counter()
             state = lm.encode_blocks(*document_stream(lm, doc))
@@ -213,8 +224,8 @@ def run_actqkv(run: Run, lengths: list[int], depths: list[float], engines: tuple
             for name in engines:
                 out = answer(lm, get_engine(name), item.question, doc, run.max_new_tokens, full_prefix)
                 ok = bool(contains_match(out["answer"], item.answer))
-                rows.append({"length": n, "tokens": tokens, "depth": item.depth, "engine": name, "correct": ok,
-                             "gold": item.answer, **out})
+                rows.append({"length": n, "tokens": tokens, "depth": item.depth, "replicate": replicate,
+                             "engine": name, "correct": ok, "gold": item.answer, **out})
                 log.info("needle %d depth %.1f %s: %s (%r)", n, item.depth, name, ok, out["answer"][:60])
         section.raw = {"needle": rows, "speed": speed}
         section.tables = _grid_tables(rows, speed, lengths, depths, engines, single_needle, calibration_s)
@@ -255,16 +266,23 @@ def _grid_tables(rows: list[dict], speed: list[dict], lengths: list[int], depths
                  engines: tuple[str, ...], single_needle: bool, calibration_s: float | None) -> list:
     """The needle, speed and memory tables (and HOMER's merge table) of the documents done so far."""
     done = [n for n in lengths if any(r["length"] == n for r in rows)]
+    replicates = sorted({r.get("replicate", 0) for r in rows})
+
+    def marks(n: int, e: str) -> str:  # per replicate, in depth order; replicates apart by " | "
+        return " | ".join(" ".join("✓" if r["correct"] else "✗" for r in rows
+                                   if r["length"] == n and r["engine"] == e and r.get("replicate", 0) == rep)
+                          for rep in replicates if any(r["length"] == n and r.get("replicate", 0) == rep for r in rows))
+
     tables = [
         Table(["length", "doc tokens", *(f"{e} @ depths {','.join(map(str, depths))}" for e in engines),
                *(f"{e} acc" for e in engines)],
               [[n, next((r["tokens"] for r in rows if r["length"] == n), None),
-                *(" ".join("✓" if r["correct"] else "✗" for r in rows if r["length"] == n and r["engine"] == e)
-                  for e in engines),
+                *(marks(n, e) for e in engines),
                 *(_acc([r for r in rows if r["length"] == n and r["engine"] == e]) for e in engines)]
                for n in done],
               title="needle in a real-text haystack, " + ("one document per depth, its needle alone"
-                     if single_needle else "one needle per depth, each asked separately") + " (contains-match)"),
+                     if single_needle else "one needle per depth, each asked separately") + " (contains-match)"
+                    + (f"; replicates {','.join(map(str, replicates))} apart by |" if len(replicates) > 1 else "")),
         Table(["length", "doc tokens", "actqkv encode tokens/s", "actqkv bytes/token", "full prefix s (tokens)",
                *(f"{e} TTFT s" for e in engines), *(f"{e} decode tok/s" for e in engines)],
               [[s["length"], s["tokens"], s.get("encode_tps"), s.get("bytes_per_token"),
@@ -281,6 +299,14 @@ def _grid_tables(rows: list[dict], speed: list[dict], lengths: list[int], depths
               title="peak resident memory of the process while answering (mean over the questions; the model's "
                     "weights and the loaded state included)"),
     ]
+    if len(replicates) > 1:
+        cells = [(n, d) for n in done for d in depths if any(r["length"] == n and r["depth"] == d for r in rows)]
+        tables.insert(1, Table(
+            ["length", "depth", *(f"{e} right / samples" for e in engines)],
+            [[n, d, *(f"{sum(r['correct'] for r in cell)}/{len(cell)}" for cell in
+                      ([r for r in rows if r["length"] == n and r["depth"] == d and r["engine"] == e]
+                       for e in engines))] for n, d in cells],
+            title=f"needle accuracy per cell over replicates {','.join(map(str, replicates))}"))
     if "homer" in engines:
         tables.append(Table(
             ["length", "doc tokens", "leaves", "encode tokens/s", "stored bytes/token", "merge s (stored leaves)",

@@ -81,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--single-needle", action="store_true",
                         help="actqkv/homer: one document per depth holding its needle alone (default: one "
                              "document per length with every depth's needle)")
+    parser.add_argument("--replicates", type=_ints, default=None,
+                        help="actqkv/homer: which draws of the needle documents, e.g. 0,1,2 (default 0: the "
+                             "documents of every earlier run); several give each cell several samples")
     parser.add_argument("--qa-pdfs", default=None, help="quality: comma-separated PDF ids (default: all available)")
     parser.add_argument("--qa-limit", type=int, default=None, help="quality: at most N questions per PDF")
     parser.add_argument("--ppl-lengths", type=_ints, default=None)
@@ -190,7 +193,7 @@ def run_benchmarks(args: argparse.Namespace, command: str) -> list:
                 run, args.lengths or ([300] if smoke else [4096, 16384, 32768, 65536, 131072]),
                 args.depths or ([0.5] if smoke else [0.1, 0.5, 0.9]), compared,
                 args.tiled_lengths or ([600, 2400] if smoke else [4096, 16384, 32768, 65536, 131072]),
-                single_needle=args.single_needle))
+                single_needle=args.single_needle, replicates=args.replicates))
         elif name == "homer":
             from bench import actqkv_bench
 
@@ -198,7 +201,7 @@ def run_benchmarks(args: argparse.Namespace, command: str) -> list:
             sections.append(actqkv_bench.run_actqkv(
                 run, args.lengths or ([300] if smoke else [4096, 16384, 32768, 65536]),
                 args.depths or ([0.5] if smoke else [0.1, 0.5, 0.9]), compared, None, key="homer",
-                single_needle=args.single_needle))
+                single_needle=args.single_needle, replicates=args.replicates))
         elif name == "decode":
             from bench import decode_layout
 

@@ -45,6 +45,26 @@ def test_single_needle_documents_hold_one_needle_each(tmp_path, model_data_dir):
     assert "one document per depth, its needle alone" in md.read_text()
 
 
+def test_replicates_draw_other_documents_and_add_a_per_cell_table(tmp_path, model_data_dir):
+    lm = tiny_loaded_model(model_data_dir)
+    first, items0 = needle_document(lm, 400, [0.5])
+    again, _ = needle_document(lm, 400, [0.5], replicate=0)
+    other, items1 = needle_document(lm, 400, [0.5], replicate=1)
+    assert again == first  # replicate 0 is the document every earlier run measured
+    assert other != first and items1[0].needle != items0[0].needle
+    md = tmp_path / "benchmarks.md"
+    run = Run(lm=lm, command="test", md_path=md, img_dir=tmp_path / "img", raw_dir=tmp_path / "raw", max_new_tokens=3)
+    run_actqkv(run, [300], [0.3, 0.7], ("rag",), single_needle=True, replicates=[0, 1])
+    raw = json.loads((tmp_path / "raw" / "actqkv.json").read_text())["raw"]
+    assert [(s["replicate"], s["depths"]) for s in raw["speed"]] == [(0, [0.3]), (0, [0.7]), (1, [0.3]), (1, [0.7])]
+    assert len({r["gold"] for r in raw["needle"]}) == 4  # four documents, four needles
+    written = md.read_text()
+    assert "needle accuracy per cell over replicates 0,1" in written and "rag right / samples" in written
+    right = {d: sum(r["correct"] for r in raw["needle"] if r["depth"] == d) for d in (0.3, 0.7)}
+    for d in (0.3, 0.7):
+        assert f"| 300 | {d:.2f} | {right[d]}/2 |" in written
+
+
 def test_a_tiled_state_has_the_requested_length_and_consistent_blocks(model_data_dir):
     from bench.actqkv_bench import tile_state
     from model.actqkv_encode import encode_stream
