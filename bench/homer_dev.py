@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default='[{}]')
     parser.add_argument("--single-needle", action="store_true",
                         help="one document per depth holding its needle alone (default: one document, every depth)")
+    parser.add_argument("--replicate", type=int, default=0,
+                        help="which draw of the needle documents (as the bench's --replicates)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--tiny", action="store_true",
                         help="a tiny random model with the real tokenizer (tests the probe in seconds)")
@@ -63,7 +65,7 @@ def _probe(lm, bias, args, depths: list[float]) -> None:
     from model import GenerationSettings
     from model.homer import HomerConfig
 
-    text, items = needle_document(lm, args.length, depths)
+    text, items = needle_document(lm, args.length, depths, args.replicate)
     doc, _ = document_context(lm, split_pages(text), "haystack", with_tree=False)
     state = lm.encode_homer(*homer_stream(lm, doc))
     doc.extra["homer"] = state

@@ -36,7 +36,8 @@ def test_actqkv_probe_refuses_a_variant_that_changes_the_encoding(model_data_dir
 
 def test_homer_probe_reports_what_survived_the_merges(model_data_dir, capsys):
     homer_dev.main(["--tiny", "--data-dir", str(model_data_dir), "--length", "900", "--chunk", "1024",
-                    "--depths", "0.3,0.7", "--single-needle", "--variants", '[{}, {"bias": false}]', "--threads", "1"])
+                    "--depths", "0.3,0.7", "--single-needle", "--variants", '[{}, {"bias": false}]', "--threads", "1",
+                    "--replicate", "1"])
     out = capsys.readouterr().out
     assert len(re.findall(r"tokens in (\d+) leaves", out)) == 2  # one document per depth
     assert all(int(n) > 1 for n in re.findall(r"tokens in (\d+) leaves", out))  # merged, not one chunk
