@@ -7,7 +7,8 @@ whether the needle's digits and its sentence survived the reductions (not only t
 Each variant is a dict of `HomerConfig` fields (plus `"bias": false` to switch the calibration off);
 the document's leaves are encoded once and shared (the variants change question-time knobs only).
 `--single-needle`: one document per depth holding its needle alone (what the merge finds, apart from
-telling similar needles apart).
+telling similar needles apart). `--state-dir` keeps the encoded leaves (64K tokens: ~20 minutes of
+CPU to encode) for later runs on the same document.
 Prints one line per (variant, question); the figures in docs/benchmarks.md, *homer-dev*, come from it.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="one document per depth holding its needle alone (default: one document, every depth)")
     parser.add_argument("--replicate", type=int, default=0,
                         help="which draw of the needle documents (as the bench's --replicates)")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="keep the encoded leaves here: a later run on the same document skips the encoding")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--tiny", action="store_true",
                         help="a tiny random model with the real tokenizer (tests the probe in seconds)")
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _probe(lm, bias, args, depths: list[float]) -> None:
     """One needle document (a needle per depth) encoded once, answered under every variant."""
+    from safetensors.torch import load_file, save_file
+
     from app.services.engines import get_engine
     from app.services.prompt_layout import homer_stream
     from bench.actqkv_bench import needle_document
@@ -64,10 +70,22 @@ def _probe(lm, bias, args, depths: list[float]) -> None:
     from bench.evalset import contains_match
     from model import GenerationSettings
     from model.homer import HomerConfig
+    from model.homer_state import HomerState
 
+    lm.homer = HomerConfig(chunk_tokens=args.chunk)  # the encoding's knobs, not the last variant's
     text, items = needle_document(lm, args.length, depths, args.replicate)
     doc, _ = document_context(lm, split_pages(text), "haystack", with_tree=False)
-    state = lm.encode_homer(*homer_stream(lm, doc))
+    name = f"{lm.homer_fingerprint('needles')}-{args.length}-{','.join(map(str, depths))}-r{args.replicate}"
+    path = args.state_dir / f"{name}.safetensors" if args.state_dir else None
+    if path is not None and path.exists():
+        state = HomerState.from_tensors(load_file(str(path)), lm.homer_config())
+    else:
+        t0 = time.perf_counter()
+        state = lm.encode_homer(*homer_stream(lm, doc))
+        print(f"leaves encoded in {time.perf_counter() - t0:.0f} s", flush=True)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(state.to_tensors(), str(path))
     doc.extra["homer"] = state
     print(f"{len(state.token_ids)} tokens in {len(state.ranges)} leaves of {state.piece}", flush=True)
     engine = get_engine("homer")

@@ -34,11 +34,17 @@ def test_actqkv_probe_refuses_a_variant_that_changes_the_encoding(model_data_dir
                          "--variants", '[{"block_size": 32}]'])
 
 
-def test_homer_probe_reports_what_survived_the_merges(model_data_dir, capsys):
-    homer_dev.main(["--tiny", "--data-dir", str(model_data_dir), "--length", "900", "--chunk", "1024",
-                    "--depths", "0.3,0.7", "--single-needle", "--variants", '[{}, {"bias": false}]', "--threads", "1",
-                    "--replicate", "1"])
+def test_homer_probe_reports_what_survived_the_merges(tmp_path, model_data_dir, capsys):
+    args = ["--tiny", "--data-dir", str(model_data_dir), "--length", "900", "--chunk", "1024", "--depths", "0.3,0.7",
+            "--single-needle", "--variants", '[{}, {"bias": false}]', "--threads", "1", "--replicate", "1",
+            "--state-dir", str(tmp_path)]
+    homer_dev.main(args)
     out = capsys.readouterr().out
+    assert out.count("leaves encoded in") == 2 and len(list(tmp_path.glob("*-900-*-r1.safetensors"))) == 2
+    homer_dev.main(args)  # the kept leaves are read back, not encoded again: the same report
+    again = capsys.readouterr().out
+    assert "leaves encoded in" not in again
+    assert again.splitlines() == [line for line in out.splitlines() if "leaves encoded in" not in line]
     assert len(re.findall(r"tokens in (\d+) leaves", out)) == 2  # one document per depth
     assert all(int(n) > 1 for n in re.findall(r"tokens in (\d+) leaves", out))  # merged, not one chunk
     kept = re.findall(r"digits kept (\d+)/(\d+), needle sentence kept (\d+)/(\d+)", out)
