@@ -78,6 +78,11 @@ class HomerConfig(KnobSet):
     # shorter document, its order intact, within the window since T <= the chunk length). Measured on
     # the needle grid (docs/benchmarks.md, "homer-seq"): 32K 1/3 against 2/3, 64K 1/3 against 1/3
     positions: str = "homer"
+    # whom a merged chunk's context tokens attend to in the merge levels: "causal" (every earlier token
+    # of the chunk, as HOMER: a right piece's token then reads the left pieces' tokens at positions
+    # ahead of its own, relative distances the model never saw) or "piece" (beyond HOMER: only the
+    # prefix and its own piece, as in its leaf; the suffix still reads every piece, as in "causal")
+    merge_attention: str = "causal"
     # question time, beyond HOMER: the tokens of this many blocks of `LEXICAL_BLOCK` tokens whose words
     # best match the question (BM25 over two-block windows of each document, chosen by the engine, which
     # holds the text, as actqkv's lexical blocks) are dropped by no reduction while others remain.
@@ -103,6 +108,8 @@ class HomerConfig(KnobSet):
             raise ConfigError(f"homer significance_query {self.significance_query!r}: use last or suffix")
         if self.positions not in ("homer", "sequential"):
             raise ConfigError(f"homer positions {self.positions!r}: use homer or sequential")
+        if self.merge_attention not in ("causal", "piece"):
+            raise ConfigError(f"homer merge_attention {self.merge_attention!r}: use causal or piece")
         if self.state_dtype not in ("bfloat16", "float16", "float32"):
             raise ConfigError(f"homer state_dtype {self.state_dtype!r}: use bfloat16, float16 or float32")
 
@@ -205,6 +212,7 @@ class Chunk:
     tok: torch.Tensor
     prefix: int
     suffix: int
+    piece: torch.Tensor | None = None  # (T,) which leaf a context token came from (-1: affixes)
 
     @property
     def length(self) -> int:
@@ -214,6 +222,7 @@ class Chunk:
         """Keeps the tokens where `keep` (T,) is True, in every layer's K/V too."""
         self.hidden = self.hidden[keep]
         self.pos, self.doc, self.tok = self.pos[keep], self.doc[keep], self.tok[keep]
+        self.piece = None if self.piece is None else self.piece[keep]
         self.k = [k[:, keep] for k in self.k]
         self.v = [v[:, keep] for v in self.v]
 
@@ -237,7 +246,8 @@ def merge(left: Chunk, right: Chunk) -> Chunk:
     return Chunk(join(left.hidden, right.hidden, 0), concat(left.pos, right.pos),
                  [join(a, b, 1) for a, b in zip(left.k, right.k, strict=True)],
                  [join(a, b, 1) for a, b in zip(left.v, right.v, strict=True)],
-                 concat(left.doc, right.doc), concat(left.tok, right.tok), p, s)
+                 concat(left.doc, right.doc), concat(left.tok, right.tok), p, s,
+                 None if left.piece is None or right.piece is None else concat(left.piece, right.piece))
 
 
 def renumber(base, chunk: Chunk) -> Chunk:
@@ -313,15 +323,44 @@ def protected_tokens(doc: torch.Tensor, tok: torch.Tensor, protected: dict[int, 
     return out
 
 
+def piece_lengths(chunk: Chunk) -> list[int]:
+    """The lengths of a merged chunk's pieces (runs of one leaf's context tokens), in order; one
+    piece when the chunk does not say where its tokens came from."""
+    ctx = None if chunk.piece is None else chunk.piece[chunk.prefix:chunk.length - chunk.suffix]
+    if ctx is None or ctx.numel() == 0:
+        return [] if ctx is not None else [chunk.length - chunk.prefix - chunk.suffix]
+    starts = [0, *(torch.nonzero(ctx[1:] != ctx[:-1]).flatten() + 1).tolist(), ctx.numel()]
+    return [b - a for a, b in zip(starts, starts[1:], strict=False)]
+
+
+def piece_attention(attn_fn, q, k, v, prefix: int, suffix: int, lengths: list[int]) -> torch.Tensor:
+    """Attention of a merged chunk whose context tokens read only the prefix and their own piece
+    (causal inside it), its prefix only itself, its suffix everything before it: q (1, nh, T, hd),
+    k/v (1, nkv, T, hd) -> (1, nh, T, hd)."""
+    outs = [attn_fn(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], causal=True)] if prefix else []
+    start = prefix
+    for n in lengths:
+        keys = torch.cat([k[:, :, :prefix], k[:, :, start:start + n]], 2)
+        values = torch.cat([v[:, :, :prefix], v[:, :, start:start + n]], 2)
+        outs.append(attn_fn(q[:, :, start:start + n], keys, values, causal=True))
+        start += n
+    if suffix:
+        outs.append(attn_fn(q[:, :, start:], k, v, causal=True))
+    return torch.cat(outs, 2)
+
+
 def run_layers(base, chunk: Chunk, layers: range, target: int, bias: torch.Tensor | None, window: int = 0,
-               n_queries: int = 1, protected: dict[int, torch.Tensor] | None = None) -> Chunk:
-    """Runs `chunk` through `layers` (causal attention over its own tokens, RoPE at its positions),
-    appending each layer's K/V; at the last layer, reduces it to `target` when longer (ranked by the
-    last `n_queries` tokens' queries; `protected` tokens kept first)."""
+               n_queries: int = 1, protected: dict[int, torch.Tensor] | None = None,
+               by_piece: bool = False) -> Chunk:
+    """Runs `chunk` through `layers` (causal attention over its own tokens, or with `by_piece` each
+    context token over the prefix and its own piece; RoPE at its positions), appending each layer's
+    K/V; at the last layer, reduces it to `target` when longer (ranked by the last `n_queries`
+    tokens' queries; `protected` tokens kept first)."""
     dtype = chunk.hidden.dtype
     cos, sin = base.rope(chunk.pos, dtype)
     x = chunk.hidden[None]
     reduce = chunk.length > target
+    lengths = piece_lengths(chunk) if by_piece else []
     sig: list[torch.Tensor] = []
     for n, i in enumerate(layers):
         if i != len(chunk.k):
@@ -334,7 +373,10 @@ def run_layers(base, chunk: Chunk, layers: range, target: int, bias: torch.Tenso
             chunk.v.append(v[0])
             if last:
                 sig.append(significance(q[0, :, -n_queries:], k[0], chunk.pos, _row(bias, i)))
-            out = base.attn_fn(q, k, v, causal=True)
+            if len(lengths) > 1:
+                out = piece_attention(base.attn_fn, q, k, v, chunk.prefix, chunk.suffix, lengths)
+            else:
+                out = base.attn_fn(q, k, v, causal=True)
             return out.transpose(1, 2).reshape(1, q.shape[2], -1)
 
         x = base.layers[i](x, None, None, None, attend=attend)
@@ -370,9 +412,9 @@ class Merger:
                  leaf_lengths: dict, prefix: int, suffix: int, max_piece: int, window: int = 0,
                  n_queries: int = 1, sequential: bool = False,
                  progress: Callable[[int, int], None] | None = None,
-                 protected: dict[int, torch.Tensor] | None = None) -> None:
+                 protected: dict[int, torch.Tensor] | None = None, by_piece: bool = False) -> None:
         self.base, self.schedule, self.bias, self.leaf, self.window = base, schedule, bias, leaf, window
-        self.n_queries, self.sequential, self.protected = n_queries, sequential, protected
+        self.n_queries, self.sequential, self.protected, self.by_piece = n_queries, sequential, protected, by_piece
         # progress(merges done, merges in the tree): the merges are the question's minutes on a CPU
         self.progress, self.merges_done, self.merges_total = progress, 0, 0
         self.leaf_lengths = leaf_lengths  # leaf reference -> its chunk length P + piece + S
@@ -415,7 +457,7 @@ class Merger:
             merged = renumber(self.base, merged)
         self._note(merged.length)
         out = run_layers(self.base, merged, self.schedule.level_layers(height), target, self.bias, self.window,
-                         self.n_queries, self.protected)
+                         self.n_queries, self.protected, self.by_piece)
         self.merges_done += 1
         if self.progress is not None:
             self.progress(self.merges_done, self.merges_total)

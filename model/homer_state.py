@@ -214,7 +214,9 @@ def leaf_chunk(base, state: HomerState, j: int, d: int, suffix_ids: list[int], l
     tail = torch.full((s,), -1, dtype=torch.long, device=device)
     chunk = Chunk(torch.cat([top, x[0]]), pos, ks, vs,
                   torch.cat([affix, torch.full((n,), d, dtype=torch.long, device=device), tail]),
-                  torch.cat([affix, torch.arange(start, end, device=device), tail]), p, s)
+                  torch.cat([affix, torch.arange(start, end, device=device), tail]), p, s,
+                  torch.cat([affix, torch.full((n,), (d << 20) + j, dtype=torch.long, device=device),
+                             tail]))
     if sig:
         chunk.prune(keep_mask(sig[0], p, s, target, window, protected_tokens(chunk.doc, chunk.tok, protected)))
     return chunk
@@ -271,7 +273,7 @@ def answer_prefix(base, cfg: HomerConfig, states: list[HomerState], suffix_ids: 
     total = p + sum(len(st.token_ids) for st in states) + s
     n_queries = s if cfg.significance_query == "suffix" else 1
     merger = Merger(base, schedule, bias, leaf, lengths, p, s, max_piece(cfg, p), cfg.keep_window, n_queries,
-                    cfg.positions == "sequential", progress, marks)
+                    cfg.positions == "sequential", progress, marks, cfg.merge_attention == "piece")
     padded = refs + [None] * (2**height - len(refs))
     chunk = merger.run(padded, height, min(cfg.target_tokens, total))
     if len(chunk.k) != base.config.n_layer:

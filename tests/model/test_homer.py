@@ -11,7 +11,9 @@ import torch
 
 from model.config import ConfigError
 from model.generate import GenerationSettings, generate_tokens
-from model.homer import Chunk, HomerConfig, Schedule, count_merges, keep_mask, merge, pieces, renumber, run_layers, significance
+from model.attention import eager_attention
+from model.homer import (Chunk, HomerConfig, Schedule, count_merges, keep_mask, merge, piece_attention, pieces, renumber,
+                         run_layers, significance)
 from model.homer_calibration import _logits_by_distance, calibrate
 from model.homer_memory import HomerMemory
 from model.homer_state import HomerState, answer_prefix, encode_document
@@ -222,6 +224,54 @@ def test_sequential_positions_give_the_merged_cache_one_order_within_the_window(
     assert ordered.doc.shape == overlapping.doc.shape  # the same tokens survive the reductions' counts
     with pytest.raises(ConfigError, match="positions"):
         HomerConfig(positions="absolute")
+
+
+def test_piece_attention_reads_each_piece_alone_and_the_suffix_everything():
+    torch.manual_seed(0)
+    prefix, lengths, suffix = 3, [5, 4], 2
+    t = prefix + sum(lengths) + suffix
+    q, k, v = torch.randn(1, 4, t, 8), torch.randn(1, 2, t, 8), torch.randn(1, 2, t, 8)
+    out = piece_attention(eager_attention, q, k, v, prefix, suffix, lengths)
+    everything = eager_attention(q, k, v, causal=True)
+    torch.testing.assert_close(out[:, :, :prefix], everything[:, :, :prefix])  # the prefix: itself
+    torch.testing.assert_close(out[:, :, prefix + 5:prefix + 9],  # the second piece: prefix + itself
+                               eager_attention(q[:, :, prefix + 5:prefix + 9], torch.cat([k[:, :, :prefix], k[:, :, prefix + 5:prefix + 9]], 2),
+                                               torch.cat([v[:, :, :prefix], v[:, :, prefix + 5:prefix + 9]], 2), causal=True))
+    torch.testing.assert_close(out[:, :, prefix:prefix + 5], everything[:, :, prefix:prefix + 5])  # first: as causal
+    torch.testing.assert_close(out[:, :, -suffix:], everything[:, :, -suffix:])  # the suffix reads every piece
+    assert not torch.allclose(out[:, :, prefix + 5:prefix + 9], everything[:, :, prefix + 5:prefix + 9])
+
+
+def test_piece_merge_attention_runs_each_piece_as_if_alone_in_its_leaf(base8):
+    """With merge_attention "piece" a merged chunk's pieces run the merge layers exactly as each
+    would after the prefix alone (HOMER's "causal": a right piece also reads the left one, at
+    positions ahead of its own); the suffix reads both either way."""
+    torch.manual_seed(1)
+    p, n1, n2, s = 3, 5, 4, 2
+    hidden = torch.randn(p + n1 + n2 + s, base8.config.dim)
+    pos = torch.cat([torch.arange(p + n1), torch.arange(p, p + n2), torch.arange(p + n1, p + n1 + s)])
+    piece = torch.tensor([-1] * p + [0] * n1 + [1] * n2 + [-1] * s)
+
+    def merged(by_piece):
+        chunk = Chunk(hidden.clone(), pos.clone(), [], [], piece.clamp(max=0), torch.arange(len(pos)), p, s, piece)
+        return run_layers(base8, chunk, range(0, 4), 10**6, None, by_piece=by_piece).hidden
+
+    def alone(rows):
+        ids = torch.tensor(rows)
+        chunk = Chunk(hidden[ids].clone(), pos[ids].clone(), [], [], torch.zeros(len(rows), dtype=torch.long),
+                      ids.clone(), p, 0)
+        return run_layers(base8, chunk, range(0, 4), 10**6, None).hidden
+
+    by_piece, causal = merged(True), merged(False)
+    second = list(range(p + n1, p + n1 + n2))
+    torch.testing.assert_close(by_piece[:p + n1], alone(list(range(p + n1))), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(by_piece[second], alone([*range(p), *second])[p:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(causal[:p + n1], by_piece[:p + n1], atol=1e-5, rtol=1e-5)  # the left piece: the same
+    assert not torch.allclose(causal[second], by_piece[second], atol=1e-3)  # HOMER's right piece reads the left
+    assert not torch.allclose(by_piece[-s:], alone([*range(p), *second, p + n1 + n2, p + n1 + n2 + 1])[-s:],
+                              atol=1e-3)  # the suffix reads both pieces
+    with pytest.raises(ConfigError, match="merge_attention"):
+        HomerConfig(merge_attention="global")
 
 
 def test_the_walk_is_depth_first_so_few_chunks_are_held_at_once(base8):
