@@ -73,15 +73,20 @@ class HomerConfig(KnobSet):
     # best over every suffix token: the question's own words, e.g. the noun asked about)
     significance_query: str = "last"
     # the positions of a merged chunk: "homer" (each piece keeps its own from 0, so two merged pieces'
-    # tokens share positions, as HOMER does) or "sequential" (renumbered 0..T-1 in reading order at
-    # every merge, every lower layer's keys re-rotated to match: the merged cache reads like one
-    # shorter document, its order intact, within the window since T <= the chunk length). Measured on
-    # the needle grid (docs/benchmarks.md, "homer-seq"): 32K 1/3 against 2/3, 64K 1/3 against 1/3
+    # tokens share positions, as HOMER does: a right piece's token then reads the left pieces' tokens
+    # at positions ahead of its own) or "sequential" (beyond HOMER: renumbered 0..T-1 in reading order
+    # at every merge, every lower layer's keys re-rotated to match: the merged cache reads like one
+    # shorter document, its order intact, within the window since T <= the chunk length). Measured
+    # (docs/benchmarks.md, "homer-single64-fix"): a lone needle at 64K, depth 90 % (the 4th of 4
+    # leaves), 3/3 documents against 0/3, but at depth 10 % (the 1st leaf, now ~30K positions from the
+    # answer instead of ~10K) 0/1 against 1/1; on the three-needle grid ("homer-seq") 32K 1/3 against
+    # 2/3, 64K 1/3 against 1/3: neither setting reads every depth, HOMER's stays the default
     positions: str = "homer"
     # whom a merged chunk's context tokens attend to in the merge levels: "causal" (every earlier token
     # of the chunk, as HOMER: a right piece's token then reads the left pieces' tokens at positions
     # ahead of its own, relative distances the model never saw) or "piece" (beyond HOMER: only the
-    # prefix and its own piece, as in its leaf; the suffix still reads every piece, as in "causal")
+    # prefix and its own piece, as in its leaf; the suffix still reads every piece, as in "causal").
+    # Measured with HOMER's positions on the 64K depth-90 % needles ("homer-single64-fix"): 1/2 (0/2)
     merge_attention: str = "causal"
     # question time, beyond HOMER: the tokens of this many blocks of `LEXICAL_BLOCK` tokens whose words
     # best match the question (BM25 over two-block windows of each document, chosen by the engine, which
