@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    from safetensors.torch import load_file, save_file
-
     from app.services.engines import get_engine
     from app.services.prompt_layout import document_stream
     from bench.actqkv_bench import answer, needle_document
-    from bench.common import ModelChoice, document_context, split_pages
+    from bench.common import ModelChoice, document_context, kept_state, split_pages
     from bench.evalset import contains_match
     from model.block_state import BlockState
 
@@ -58,15 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         text, items = needle_document(lm, n, [float(d) for d in args.depths.split(",")])
         doc, _ = document_context(lm, split_pages(text), "haystack", with_tree=False)
         path = args.state_dir / f"{lm.actqkv_fingerprint('needles')}-{n}.safetensors" if args.state_dir else None
-        if path is not None and path.exists():
-            state = BlockState.from_tensors(load_file(str(path)), lm.actqkv)
-        else:
-            t0 = time.perf_counter()
-            state = lm.encode_blocks(*document_stream(lm, doc))
-            print(f"{n}: {state.length} tokens encoded in {time.perf_counter() - t0:.0f} s", flush=True)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_file({k: t.contiguous() for k, t in state.to_tensors().items()}, str(path))
+        state = kept_state(path, lambda doc=doc: lm.encode_blocks(*document_stream(lm, doc)),
+                           lambda t: BlockState.from_tensors(t, lm.actqkv), f"{n}: {len(doc.token_ids)} tokens")
         for v in variants:
             doc.extra["actqkv"] = dataclasses.replace(state, config=dataclasses.replace(lm.actqkv, **v))
             right = 0

@@ -15,7 +15,7 @@ import platform
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,3 +278,19 @@ def stored_bytes(ctx: Any, doc_id: int) -> dict[str, int]:
     tree = sum(b for f, b in files if not is_prompt_cache(f))
     prompt = sum(b for f, b in files if is_prompt_cache(f))
     return {"tree_bytes": int(tree), "prompt_cache_bytes": int(prompt), "text_bytes": int(pages + chunks)}
+
+
+def kept_state(path: Path | None, encode: Callable[[], Any], from_tensors: Callable[[dict], Any], label: str) -> Any:
+    """A development probe's encoded state: read from `path` when an earlier run kept it there,
+    else encoded (timed, printed with `label`) and kept at `path` (None: not kept)."""
+    from safetensors.torch import load_file, save_file
+
+    if path is not None and path.exists():
+        return from_tensors(load_file(str(path)))
+    t0 = time.perf_counter()
+    state = encode()
+    print(f"{label} encoded in {time.perf_counter() - t0:.0f} s", flush=True)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: t.contiguous() for k, t in state.to_tensors().items()}, str(path))
+    return state

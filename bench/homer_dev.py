@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -61,12 +60,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def _probe(lm, bias, args, depths: list[float]) -> None:
     """One needle document (a needle per depth) encoded once, answered under every variant."""
-    from safetensors.torch import load_file, save_file
-
     from app.services.engines import get_engine
     from app.services.prompt_layout import homer_stream
     from bench.actqkv_bench import needle_document
-    from bench.common import document_context, split_pages
+    from bench.common import document_context, kept_state, split_pages
     from bench.evalset import contains_match
     from model import GenerationSettings
     from model.homer import HomerConfig
@@ -77,15 +74,8 @@ def _probe(lm, bias, args, depths: list[float]) -> None:
     doc, _ = document_context(lm, split_pages(text), "haystack", with_tree=False)
     name = f"{lm.homer_fingerprint('needles')}-{args.length}-{','.join(map(str, depths))}-r{args.replicate}"
     path = args.state_dir / f"{name}.safetensors" if args.state_dir else None
-    if path is not None and path.exists():
-        state = HomerState.from_tensors(load_file(str(path)), lm.homer_config())
-    else:
-        t0 = time.perf_counter()
-        state = lm.encode_homer(*homer_stream(lm, doc))
-        print(f"leaves encoded in {time.perf_counter() - t0:.0f} s", flush=True)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(state.to_tensors(), str(path))
+    state = kept_state(path, lambda: lm.encode_homer(*homer_stream(lm, doc)),
+                       lambda t: HomerState.from_tensors(t, lm.homer_config()), "leaves")
     doc.extra["homer"] = state
     print(f"{len(state.token_ids)} tokens in {len(state.ranges)} leaves of {state.piece}", flush=True)
     engine = get_engine("homer")
