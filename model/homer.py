@@ -331,9 +331,9 @@ def protected_tokens(doc: torch.Tensor, tok: torch.Tensor, protected: dict[int, 
 def piece_lengths(chunk: Chunk) -> list[int]:
     """The lengths of a merged chunk's pieces (runs of one leaf's context tokens), in order; one
     piece when the chunk does not say where its tokens came from."""
-    ctx = None if chunk.piece is None else chunk.piece[chunk.prefix:chunk.length - chunk.suffix]
-    if ctx is None or ctx.numel() == 0:
-        return [] if ctx is not None else [chunk.length - chunk.prefix - chunk.suffix]
+    if chunk.piece is None:
+        return [chunk.length - chunk.prefix - chunk.suffix]
+    ctx = chunk.piece[chunk.prefix:chunk.length - chunk.suffix]
     starts = [0, *(torch.nonzero(ctx[1:] != ctx[:-1]).flatten() + 1).tolist(), ctx.numel()]
     return [b - a for a, b in zip(starts, starts[1:], strict=False)]
 
