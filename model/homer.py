@@ -41,6 +41,7 @@ from model.config import ConfigError, KnobSet, ModelConfig
 from model.rope import apply_rope
 
 HOMER_FORMAT_VERSION = 1
+MERGE_ATTENTION = ("causal", "piece", "position")  # `HomerConfig.merge_attention`'s values
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,12 @@ class HomerConfig(KnobSet):
     positions: str = "homer"
     # whom a merged chunk's context tokens attend to in the merge levels: "causal" (every earlier token
     # of the chunk, as HOMER: a right piece's token then reads the left pieces' tokens at positions
-    # ahead of its own, relative distances the model never saw) or "piece" (beyond HOMER: only the
-    # prefix and its own piece, as in its leaf; the suffix still reads every piece, as in "causal").
-    # Measured with HOMER's positions on the 64K depth-90 % needles ("homer-single64-fix"): 1/2 (0/2)
+    # ahead of its own, relative distances the model never saw), "piece" (beyond HOMER: only the
+    # prefix and its own piece, as in its leaf) or "position" (beyond HOMER: an earlier token only when
+    # its position is not ahead of the reader's, so no relative distance is negative; the first piece
+    # reads as in "causal"). The suffix reads every piece in all three.
+    # Measured with HOMER's positions on the 64K depth-90 % needles ("homer-single64-fix"): "piece"
+    # 1/2 (0/2 "causal")
     merge_attention: str = "causal"
     # question time, beyond HOMER: the tokens of this many blocks of `LEXICAL_BLOCK` tokens whose words
     # best match the question (BM25 over two-block windows of each document, chosen by the engine, which
@@ -113,8 +117,8 @@ class HomerConfig(KnobSet):
             raise ConfigError(f"homer significance_query {self.significance_query!r}: use last or suffix")
         if self.positions not in ("homer", "sequential"):
             raise ConfigError(f"homer positions {self.positions!r}: use homer or sequential")
-        if self.merge_attention not in ("causal", "piece"):
-            raise ConfigError(f"homer merge_attention {self.merge_attention!r}: use causal or piece")
+        if self.merge_attention not in MERGE_ATTENTION:
+            raise ConfigError(f"homer merge_attention {self.merge_attention!r}: use {', '.join(MERGE_ATTENTION)}")
         if self.state_dtype not in ("bfloat16", "float16", "float32"):
             raise ConfigError(f"homer state_dtype {self.state_dtype!r}: use bfloat16, float16 or float32")
 
@@ -354,18 +358,33 @@ def piece_attention(attn_fn, q, k, v, prefix: int, suffix: int, lengths: list[in
     return torch.cat(outs, 2)
 
 
+def position_attention(attn_fn, q, k, v, pos: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """Attention where a token reads an earlier token of the chunk only when that token's position is
+    not ahead of its own (pos (T,)): q (1, nh, T, hd), k/v (1, nkv, T, hd) -> (1, nh, T, hd). Queries
+    go in blocks of `block` so the boolean mask is (block, T), never (T, T); with positions increasing
+    in chunk order it is the causal mask."""
+    t = q.shape[2]
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        order = torch.arange(end, device=pos.device)[None, :] <= torch.arange(start, end, device=pos.device)[:, None]
+        mask = order & (pos[None, :end] <= pos[start:end, None])
+        outs.append(attn_fn(q[:, :, start:end], k[:, :, :end], v[:, :, :end], mask=mask[None, None]))
+    return torch.cat(outs, 2)
+
+
 def run_layers(base, chunk: Chunk, layers: range, target: int, bias: torch.Tensor | None, window: int = 0,
                n_queries: int = 1, protected: dict[int, torch.Tensor] | None = None,
-               by_piece: bool = False) -> Chunk:
-    """Runs `chunk` through `layers` (causal attention over its own tokens, or with `by_piece` each
-    context token over the prefix and its own piece; RoPE at its positions), appending each layer's
+               attention: str = "causal") -> Chunk:
+    """Runs `chunk` through `layers` (causal attention over its own tokens, or a `merge_attention`
+    variant: "piece", "position"; RoPE at its positions), appending each layer's
     K/V; at the last layer, reduces it to `target` when longer (ranked by the last `n_queries`
     tokens' queries; `protected` tokens kept first)."""
     dtype = chunk.hidden.dtype
     cos, sin = base.rope(chunk.pos, dtype)
     x = chunk.hidden[None]
     reduce = chunk.length > target
-    lengths = piece_lengths(chunk) if by_piece else []
+    lengths = piece_lengths(chunk) if attention == "piece" else []
     sig: list[torch.Tensor] = []
     for n, i in enumerate(layers):
         if i != len(chunk.k):
@@ -380,6 +399,8 @@ def run_layers(base, chunk: Chunk, layers: range, target: int, bias: torch.Tenso
                 sig.append(significance(q[0, :, -n_queries:], k[0], chunk.pos, _row(bias, i)))
             if len(lengths) > 1:
                 out = piece_attention(base.attn_fn, q, k, v, chunk.prefix, chunk.suffix, lengths)
+            elif attention == "position" and bool((chunk.pos[1:] < chunk.pos[:-1]).any()):
+                out = position_attention(base.attn_fn, q, k, v, chunk.pos)
             else:
                 out = base.attn_fn(q, k, v, causal=True)
             return out.transpose(1, 2).reshape(1, q.shape[2], -1)
@@ -417,9 +438,9 @@ class Merger:
                  leaf_lengths: dict, prefix: int, suffix: int, max_piece: int, window: int = 0,
                  n_queries: int = 1, sequential: bool = False,
                  progress: Callable[[int, int], None] | None = None,
-                 protected: dict[int, torch.Tensor] | None = None, by_piece: bool = False) -> None:
+                 protected: dict[int, torch.Tensor] | None = None, attention: str = "causal") -> None:
         self.base, self.schedule, self.bias, self.leaf, self.window = base, schedule, bias, leaf, window
-        self.n_queries, self.sequential, self.protected, self.by_piece = n_queries, sequential, protected, by_piece
+        self.n_queries, self.sequential, self.protected, self.attention = n_queries, sequential, protected, attention
         # progress(merges done, merges in the tree): the merges are the question's minutes on a CPU
         self.progress, self.merges_done, self.merges_total = progress, 0, 0
         self.leaf_lengths = leaf_lengths  # leaf reference -> its chunk length P + piece + S
@@ -462,7 +483,7 @@ class Merger:
             merged = renumber(self.base, merged)
         self._note(merged.length)
         out = run_layers(self.base, merged, self.schedule.level_layers(height), target, self.bias, self.window,
-                         self.n_queries, self.protected, self.by_piece)
+                         self.n_queries, self.protected, self.attention)
         self.merges_done += 1
         if self.progress is not None:
             self.progress(self.merges_done, self.merges_total)

@@ -12,8 +12,8 @@ import torch
 from model.config import ConfigError
 from model.generate import GenerationSettings, generate_tokens
 from model.attention import eager_attention
-from model.homer import (Chunk, HomerConfig, Schedule, count_merges, keep_mask, merge, piece_attention, pieces, renumber,
-                         run_layers, significance)
+from model.homer import (Chunk, HomerConfig, Schedule, count_merges, keep_mask, merge, piece_attention, pieces,
+                         position_attention, renumber, run_layers, significance)
 from model.homer_calibration import _logits_by_distance, calibrate
 from model.homer_memory import HomerMemory
 from model.homer_state import HomerState, answer_prefix, encode_document
@@ -252,9 +252,9 @@ def test_piece_merge_attention_runs_each_piece_as_if_alone_in_its_leaf(base8):
     pos = torch.cat([torch.arange(p + n1), torch.arange(p, p + n2), torch.arange(p + n1, p + n1 + s)])
     piece = torch.tensor([-1] * p + [0] * n1 + [1] * n2 + [-1] * s)
 
-    def merged(by_piece):
+    def merged(attention):
         chunk = Chunk(hidden.clone(), pos.clone(), [], [], piece.clamp(max=0), torch.arange(len(pos)), p, s, piece)
-        return run_layers(base8, chunk, range(0, 4), 10**6, None, by_piece=by_piece).hidden
+        return run_layers(base8, chunk, range(0, 4), 10**6, None, attention=attention).hidden
 
     def alone(rows):
         ids = torch.tensor(rows)
@@ -262,7 +262,7 @@ def test_piece_merge_attention_runs_each_piece_as_if_alone_in_its_leaf(base8):
                       ids.clone(), p, 0)
         return run_layers(base8, chunk, range(0, 4), 10**6, None).hidden
 
-    by_piece, causal = merged(True), merged(False)
+    by_piece, causal = merged("piece"), merged("causal")
     second = list(range(p + n1, p + n1 + n2))
     torch.testing.assert_close(by_piece[:p + n1], alone(list(range(p + n1))), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(by_piece[second], alone([*range(p), *second])[p:], atol=1e-5, rtol=1e-5)
@@ -272,6 +272,50 @@ def test_piece_merge_attention_runs_each_piece_as_if_alone_in_its_leaf(base8):
                               atol=1e-3)  # the suffix reads both pieces
     with pytest.raises(ConfigError, match="merge_attention"):
         HomerConfig(merge_attention="global")
+
+
+def test_position_attention_reads_no_token_ahead_of_the_reader():
+    """"position": a token reads an earlier token of the chunk only when that token's position is not
+    ahead of its own; the mask goes in query blocks, so the block size changes nothing; with
+    positions in order it is causal attention."""
+    torch.manual_seed(4)
+    p, n1, n2, s = 2, 6, 5, 3
+    pos = torch.cat([torch.arange(p + n1), torch.arange(p, p + n2), torch.arange(p + n1, p + n1 + s)])
+    t = len(pos)
+    q, k, v = torch.randn(1, 4, t, 8), torch.randn(1, 2, t, 8), torch.randn(1, 2, t, 8)
+    out = position_attention(eager_attention, q, k, v, pos, block=4)
+    torch.testing.assert_close(out, position_attention(eager_attention, q, k, v, pos, block=1000))
+    everything = eager_attention(q, k, v, causal=True)
+    torch.testing.assert_close(out[:, :, :p + n1], everything[:, :, :p + n1])  # the first piece: causal
+    torch.testing.assert_close(out[:, :, -s:], everything[:, :, -s:])  # the suffix reads every piece
+    for j in range(n2):  # the second piece's j-th token: prefix, the first piece up to its position, itself
+        row = p + n1 + j
+        keys = [*range(p + j + 1), *range(p + n1, row + 1)]
+        want = eager_attention(q[:, :, row:row + 1], k[:, :, keys], v[:, :, keys])
+        torch.testing.assert_close(out[:, :, row:row + 1], want)
+    in_order = torch.arange(t)
+    torch.testing.assert_close(position_attention(eager_attention, q, k, v, in_order, block=3), everything)
+
+
+def test_position_merge_attention_changes_only_the_pieces_that_share_positions(base8):
+    """Through the merge layers, "position" runs the first piece as "causal" does and the right
+    piece differently (it no longer reads the left piece's tokens ahead of it); a chunk whose
+    positions never go backwards runs exactly as "causal"."""
+    torch.manual_seed(2)
+    p, n1, n2, s = 3, 5, 4, 2
+    hidden = torch.randn(p + n1 + n2 + s, base8.config.dim)
+    shared = torch.cat([torch.arange(p + n1), torch.arange(p, p + n2), torch.arange(p + n1, p + n1 + s)])
+
+    def run(attention, pos):
+        chunk = Chunk(hidden.clone(), pos.clone(), [], [], torch.zeros(len(pos), dtype=torch.long),
+                      torch.arange(len(pos)), p, s)
+        return run_layers(base8, chunk, range(0, 4), 10**6, None, attention=attention).hidden
+
+    by_position, causal = run("position", shared), run("causal", shared)
+    torch.testing.assert_close(by_position[:p + n1], causal[:p + n1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(by_position[p + n1:p + n1 + n2], causal[p + n1:p + n1 + n2], atol=1e-3)
+    in_order = torch.arange(len(shared))
+    assert torch.equal(run("position", in_order), run("causal", in_order))
 
 
 def test_the_walk_is_depth_first_so_few_chunks_are_held_at_once(base8):
