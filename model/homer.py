@@ -81,17 +81,18 @@ class HomerConfig(KnobSet):
     # (docs/benchmarks.md, "homer-single64-fix"): a lone needle at 64K, depth 90 % (the 4th of 4
     # leaves), 3/3 documents against 0/3, but at depth 10 % (the 1st leaf, now ~30K positions from the
     # answer instead of ~10K) 0/1 against 1/1; on the three-needle grid ("homer-seq") 32K 1/3 against
-    # 2/3, 64K 1/3 against 1/3: neither setting reads every depth, HOMER's stays the default
+    # 2/3, 64K 1/3 against 1/3: neither setting reads every depth, HOMER's stays the default (the
+    # negative distances are removed by `merge_attention` "position" instead)
     positions: str = "homer"
-    # whom a merged chunk's context tokens attend to in the merge levels: "causal" (every earlier token
-    # of the chunk, as HOMER: a right piece's token then reads the left pieces' tokens at positions
-    # ahead of its own, relative distances the model never saw), "piece" (beyond HOMER: only the
-    # prefix and its own piece, as in its leaf) or "position" (beyond HOMER: an earlier token only when
-    # its position is not ahead of the reader's, so no relative distance is negative; the first piece
-    # reads as in "causal"). The suffix reads every piece in all three.
-    # Measured with HOMER's positions on the 64K depth-90 % needles ("homer-single64-fix"): "piece"
-    # 1/2 (0/2 "causal")
-    merge_attention: str = "causal"
+    # whom a merged chunk's context tokens attend to in the merge levels: "position" (beyond HOMER: an
+    # earlier token of the chunk only when its position is not ahead of the reader's, so no relative
+    # distance is negative; the first piece and the suffix read as in "causal"), "causal" (every
+    # earlier token, as HOMER: a right piece's token then reads the left pieces' tokens at positions
+    # ahead of its own, relative distances the model never saw) or "piece" (beyond HOMER: only the
+    # prefix and its own piece, as in its leaf; the suffix reads every piece). Measured on the 64K
+    # single-needle documents (docs/benchmarks.md, "homer-position"): depth 90 % 3/3 ("causal" 0/3,
+    # "piece" 1/2), depth 10 % 1/1 (1/1); attention 1.2x causal's time (8K tokens, one thread)
+    merge_attention: str = "position"
     # question time, beyond HOMER: the tokens of this many blocks of `LEXICAL_BLOCK` tokens whose words
     # best match the question (BM25 over two-block windows of each document, chosen by the engine, which
     # holds the text, as actqkv's lexical blocks) are dropped by no reduction while others remain.
