@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from model.config import ConfigError, KnobSet, ModelConfig
+from model.homer_attention import piece_attention, position_attention
 from model.rope import apply_rope
 
 HOMER_FORMAT_VERSION = 1
@@ -343,37 +344,6 @@ def piece_lengths(chunk: Chunk) -> list[int]:
     return [b - a for a, b in zip(starts, starts[1:], strict=False)]
 
 
-def piece_attention(attn_fn, q, k, v, prefix: int, suffix: int, lengths: list[int]) -> torch.Tensor:
-    """Attention of a merged chunk whose context tokens read only the prefix and their own piece
-    (causal inside it), its prefix only itself, its suffix everything before it: q (1, nh, T, hd),
-    k/v (1, nkv, T, hd) -> (1, nh, T, hd)."""
-    outs = [attn_fn(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], causal=True)] if prefix else []
-    start = prefix
-    for n in lengths:
-        keys = torch.cat([k[:, :, :prefix], k[:, :, start:start + n]], 2)
-        values = torch.cat([v[:, :, :prefix], v[:, :, start:start + n]], 2)
-        outs.append(attn_fn(q[:, :, start:start + n], keys, values, causal=True))
-        start += n
-    if suffix:
-        outs.append(attn_fn(q[:, :, start:], k, v, causal=True))
-    return torch.cat(outs, 2)
-
-
-def position_attention(attn_fn, q, k, v, pos: torch.Tensor, block: int = 512) -> torch.Tensor:
-    """Attention where a token reads an earlier token of the chunk only when that token's position is
-    not ahead of its own (pos (T,)): q (1, nh, T, hd), k/v (1, nkv, T, hd) -> (1, nh, T, hd). Queries
-    go in blocks of `block` so the boolean mask is (block, T), never (T, T); with positions increasing
-    in chunk order it is the causal mask."""
-    t = q.shape[2]
-    outs = []
-    for start in range(0, t, block):
-        end = min(start + block, t)
-        order = torch.arange(end, device=pos.device)[None, :] <= torch.arange(start, end, device=pos.device)[:, None]
-        mask = order & (pos[None, :end] <= pos[start:end, None])
-        outs.append(attn_fn(q[:, :, start:end], k[:, :, :end], v[:, :, :end], mask=mask[None, None]))
-    return torch.cat(outs, 2)
-
-
 def run_layers(base, chunk: Chunk, layers: range, target: int, bias: torch.Tensor | None, window: int = 0,
                n_queries: int = 1, protected: dict[int, torch.Tensor] | None = None,
                attention: str = "causal") -> Chunk:
@@ -386,6 +356,8 @@ def run_layers(base, chunk: Chunk, layers: range, target: int, bias: torch.Tenso
     x = chunk.hidden[None]
     reduce = chunk.length > target
     lengths = piece_lengths(chunk) if attention == "piece" else []
+    # "position" masks only where positions go backwards (pieces sharing them); else it is causal
+    by_position = attention == "position" and bool((chunk.pos[1:] < chunk.pos[:-1]).any())
     sig: list[torch.Tensor] = []
     for n, i in enumerate(layers):
         if i != len(chunk.k):
@@ -400,7 +372,7 @@ def run_layers(base, chunk: Chunk, layers: range, target: int, bias: torch.Tenso
                 sig.append(significance(q[0, :, -n_queries:], k[0], chunk.pos, _row(bias, i)))
             if len(lengths) > 1:
                 out = piece_attention(base.attn_fn, q, k, v, chunk.prefix, chunk.suffix, lengths)
-            elif attention == "position" and bool((chunk.pos[1:] < chunk.pos[:-1]).any()):
+            elif by_position:
                 out = position_attention(base.attn_fn, q, k, v, chunk.pos)
             else:
                 out = base.attn_fn(q, k, v, causal=True)

@@ -12,8 +12,8 @@ import torch
 from model.config import ConfigError
 from model.generate import GenerationSettings, generate_tokens
 from model.attention import eager_attention
-from model.homer import (Chunk, HomerConfig, Schedule, count_merges, keep_mask, merge, piece_attention, pieces,
-                         position_attention, renumber, run_layers, significance)
+from model.homer import Chunk, HomerConfig, Schedule, count_merges, keep_mask, merge, pieces, renumber, run_layers, significance
+from model.homer_attention import piece_attention, position_attention
 from model.homer_calibration import _logits_by_distance, calibrate
 from model.homer_memory import HomerMemory
 from model.homer_state import HomerState, answer_prefix, encode_document
